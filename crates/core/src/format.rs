@@ -1,0 +1,220 @@
+//! Storage formats of weights and the exact dequantisation that defines them.
+//!
+//! Quantised matrices use the MLX affine layout: per row, groups of `group` consecutive input
+//! elements share a bf16 scale and bias; codes are packed little-endian into u32 words, least
+//! significant bits first; `w = scale * code + bias`.
+
+use crate::Bytes;
+use half::{bf16, f16};
+
+/// Element type of an unquantised tensor as stored on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// Decodes little-endian elements to f32. `bytes.len()` must be a multiple of the size.
+    pub fn to_f32(self, bytes: &[u8]) -> Vec<f32> {
+        let mut out = vec![0.0; bytes.len() / self.size()];
+        self.decode_into(bytes, &mut out);
+        out
+    }
+
+    pub fn decode_into(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            DType::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            DType::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            DType::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+pub fn bf16_bits_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Round-to-nearest-even f32 -> bf16, as torch does.
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    bf16::from_f32(x).to_bits()
+}
+
+/// How the elements of a weight matrix are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    Float(DType),
+    /// MLX affine quantisation with `bits` in {2, 4, 8} and bf16 scales and biases.
+    Affine { bits: u32, group: usize },
+}
+
+impl WeightFormat {
+    pub fn name(self) -> String {
+        match self {
+            WeightFormat::Float(d) => d.name().to_string(),
+            WeightFormat::Affine { bits, group } => format!("q{bits} (group {group})"),
+        }
+    }
+
+    /// Bytes of one row of `cols` elements, all three parts (codes, scales, biases) together.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            WeightFormat::Float(d) => cols * d.size(),
+            WeightFormat::Affine { bits, group } => cols * bits as usize / 8 + 2 * 2 * (cols / group),
+        }
+    }
+}
+
+/// A weight matrix `[rows, cols]`, row-major, used as `y = W x`.
+/// For affine formats `data` holds the codes (`rows * cols * bits / 8` bytes), `scales` and
+/// `biases` hold `rows * cols / group` bf16 values each; for float formats they are empty.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    pub format: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Bytes,
+    pub scales: Bytes,
+    pub biases: Bytes,
+}
+
+impl Matrix {
+    pub fn float(dtype: DType, rows: usize, cols: usize, data: Bytes) -> Self {
+        debug_assert_eq!(data.len(), rows * cols * dtype.size());
+        Matrix { format: WeightFormat::Float(dtype), rows, cols, data, scales: Bytes::empty(), biases: Bytes::empty() }
+    }
+
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
+        assert_eq!(values.len(), rows * cols);
+        Matrix::float(DType::F32, rows, cols, Bytes::from_f32(values))
+    }
+
+    /// Rows `range` as a matrix of their own, sharing the bytes.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Matrix {
+        let n = range.end - range.start;
+        match self.format {
+            WeightFormat::Float(d) => {
+                let rb = self.cols * d.size();
+                Matrix::float(d, n, self.cols, self.data.slice(range.start * rb..range.end * rb))
+            }
+            WeightFormat::Affine { bits, group } => {
+                let cb = self.cols * bits as usize / 8;
+                let sb = self.cols / group * 2;
+                Matrix {
+                    format: self.format,
+                    rows: n,
+                    cols: self.cols,
+                    data: self.data.slice(range.start * cb..range.end * cb),
+                    scales: self.scales.slice(range.start * sb..range.end * sb),
+                    biases: self.biases.slice(range.start * sb..range.end * sb),
+                }
+            }
+        }
+    }
+
+    /// Total bytes of the stored matrix.
+    pub fn byte_len(&self) -> usize {
+        self.data.len() + self.scales.len() + self.biases.len()
+    }
+
+    /// Dequantises row `r` into `out` (`cols` values). The definition every kernel must match.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let cols = self.cols;
+        match self.format {
+            WeightFormat::Float(d) => {
+                let rb = cols * d.size();
+                d.decode_into(&self.data[r * rb..(r + 1) * rb], out);
+            }
+            WeightFormat::Affine { bits, group } => {
+                let per_word = (32 / bits) as usize;
+                let mask = (1u32 << bits) - 1;
+                let words_per_row = cols / per_word;
+                let groups = cols / group;
+                let codes = &self.data[r * words_per_row * 4..(r + 1) * words_per_row * 4];
+                for g in 0..groups {
+                    let si = (r * groups + g) * 2;
+                    let scale = bf16_bits_to_f32(u16::from_le_bytes([self.scales[si], self.scales[si + 1]]));
+                    let bias = bf16_bits_to_f32(u16::from_le_bytes([self.biases[si], self.biases[si + 1]]));
+                    for i in g * group..(g + 1) * group {
+                        let w = i / per_word;
+                        let word = u32::from_le_bytes([codes[4 * w], codes[4 * w + 1], codes[4 * w + 2], codes[4 * w + 3]]);
+                        let code = (word >> (bits as usize * (i % per_word))) & mask;
+                        out[i] = scale * code as f32 + bias;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole matrix as f32, row-major. For tests and small tensors only.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.row_f32(r, row);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_decoding_is_a_shift() {
+        let bytes = [0x80, 0x3f, 0x00, 0xc0]; // 1.0, -2.0
+        assert_eq!(DType::BF16.to_f32(&bytes), vec![1.0, -2.0]);
+    }
+
+    #[test]
+    fn affine_row_follows_the_formula() {
+        // One row of 64 4-bit codes 0,1,..,15,0,1,.. with scale 0.5 and bias -1.
+        let mut words = vec![0u32; 8];
+        for i in 0..64 {
+            words[i / 8] |= ((i % 16) as u32) << (4 * (i % 8));
+        }
+        let data = Bytes::from_vec(words.iter().flat_map(|w| w.to_le_bytes()).collect());
+        let scales = Bytes::from_vec(f32_to_bf16_bits(0.5).to_le_bytes().to_vec());
+        let biases = Bytes::from_vec(f32_to_bf16_bits(-1.0).to_le_bytes().to_vec());
+        let m = Matrix { format: WeightFormat::Affine { bits: 4, group: 64 }, rows: 1, cols: 64, data, scales, biases };
+        let row = m.to_f32();
+        for (i, v) in row.iter().enumerate() {
+            assert_eq!(*v, 0.5 * (i % 16) as f32 - 1.0);
+        }
+    }
+
+    #[test]
+    fn row_slices_share_bytes() {
+        let m = Matrix::from_f32(3, 2, &[1., 2., 3., 4., 5., 6.]);
+        assert_eq!(m.rows(1..3).to_f32(), vec![3., 4., 5., 6.]);
+    }
+}

@@ -1,0 +1,11 @@
+//! The pure part of flash-moe: model configuration, weight formats and the f32 reference math.
+//! Nothing here touches files, threads or devices; every backend kernel is tested against it.
+
+pub mod bytes;
+pub mod config;
+pub mod format;
+pub mod ops;
+
+pub use bytes::Bytes;
+pub use config::{ConfigError, Family, LayerKind, ModelConfig};
+pub use format::{DType, Matrix, WeightFormat};

@@ -1,0 +1,97 @@
+//! Everything flash-moe keeps on disk: Hugging Face safetensors directories, the expert
+//! sources the model reads routed experts through, and (later) the packed format.
+//!
+//! The model code sees two interfaces: [`TensorSource`] for the resident (dense) weights, looked up
+//! by canonical name, and [`ExpertSource`] for routed experts, fetched one expert at a time so that
+//! a streaming store can stand behind it.
+
+mod error;
+mod hf;
+
+pub use error::StoreError;
+pub use hf::open_hf;
+
+use moe_core::{Bytes, DType, Matrix, ModelConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One stored tensor, its bytes still in the file's memory map.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    /// The name as written in the file.
+    pub name: String,
+    pub file: PathBuf,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Bytes,
+}
+
+impl Tensor {
+    /// The tensor as a `[rows, cols]` matrix; any other shape is an error naming file and tensor.
+    pub fn matrix(&self, rows: usize, cols: usize) -> Result<Matrix, StoreError> {
+        self.expect_shape(&[rows, cols])?;
+        Ok(Matrix::float(self.dtype, rows, cols, self.data.clone()))
+    }
+
+    /// The tensor as f32 values, checked to have `shape`. For small tensors (norms, gates).
+    pub fn values(&self, shape: &[usize]) -> Result<Vec<f32>, StoreError> {
+        self.expect_shape(shape)?;
+        Ok(self.dtype.to_f32(&self.data))
+    }
+
+    pub fn expect_shape(&self, shape: &[usize]) -> Result<(), StoreError> {
+        if self.shape != shape {
+            return Err(StoreError::Shape {
+                tensor: self.name.clone(),
+                file: self.file.clone(),
+                expected: shape.to_vec(),
+                found: self.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Resident weights by canonical name: `embed_tokens.weight`, `norm.weight`, `lm_head.weight`,
+/// `layers.N.<module>.weight`, without the `model.` / `model.language_model.` prefixes of the files.
+pub trait TensorSource: Send + Sync {
+    fn tensor(&self, name: &str) -> Result<Tensor, StoreError>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// The three matrices of one routed expert: `gate` and `up` are `[inter, hidden]`, `down` is
+/// `[hidden, inter]`.
+#[derive(Clone, Debug)]
+pub struct Expert {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+impl Expert {
+    pub fn byte_len(&self) -> usize {
+        self.gate.byte_len() + self.up.byte_len() + self.down.byte_len()
+    }
+}
+
+/// Routed experts, fetched per use. Implementations must be safe to call from many threads.
+pub trait ExpertSource: Send + Sync {
+    fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError>;
+    /// Bytes one expert occupies (what one fetch reads).
+    fn expert_bytes(&self) -> usize;
+    /// Bytes of all routed experts of the model.
+    fn total_bytes(&self) -> usize;
+}
+
+/// An opened model directory.
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub tensors: Arc<dyn TensorSource>,
+    pub experts: Arc<dyn ExpertSource>,
+}
+
+/// Opens a model directory of any supported kind.
+pub fn open(dir: &Path) -> Result<ModelFiles, StoreError> {
+    open_hf(dir)
+}
