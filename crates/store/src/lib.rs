@@ -7,6 +7,7 @@
 
 mod error;
 mod hf;
+mod safetensors_file;
 
 pub use error::StoreError;
 pub use hf::open_hf;
@@ -57,6 +58,11 @@ impl Tensor {
 pub trait TensorSource: Send + Sync {
     fn tensor(&self, name: &str) -> Result<Tensor, StoreError>;
     fn contains(&self, name: &str) -> bool;
+    /// Canonical names of the dense tensors (routed-expert tensors excluded), in natural order
+    /// (`layers.2` before `layers.10`). For `inspect`.
+    fn names(&self) -> Vec<String>;
+    /// Bytes of all the tensors [`names`](Self::names) lists, as stored.
+    fn dense_bytes(&self) -> usize;
 }
 
 /// The three matrices of one routed expert: `gate` and `up` are `[inter, hidden]`, `down` is
