@@ -173,7 +173,8 @@ impl ModelConfig {
             delta_k_dim: if hybrid { f.usize("linear_key_head_dim")? } else { 0 },
             delta_v_dim: if hybrid { f.usize("linear_value_head_dim")? } else { 0 },
             conv_kernel: if hybrid { f.opt_usize("linear_conv_kernel_dim")?.unwrap_or(4) } else { 0 },
-            experts: f.usize("num_experts")?,
+            // Qwen3MoeConfig writes `num_local_experts`; `num_experts` is its alias.
+            experts: f.opt_usize("num_experts")?.or(f.opt_usize("num_local_experts")?).ok_or(ConfigError::Missing("num_experts"))?,
             top_k: f.usize("num_experts_per_tok")?,
             expert_inter: f.usize("moe_intermediate_size")?,
             shared_inter: if hybrid { Some(f.usize("shared_expert_intermediate_size")?) } else { None },

@@ -1,0 +1,168 @@
+//! The coarse operations a model is written against. Each backend (CPU, CUDA) implements them
+//! over its own buffers; the model code never sees a device.
+//!
+//! Activations are `[tokens, width]` row-major f32 tensors. Operations take the token count
+//! explicitly, so buffers may be larger than the data in them and can be reused across steps.
+
+use anyhow::Result;
+use moe_core::Matrix;
+
+/// Shape and conventions of a full-attention layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub rope_theta: f64,
+    /// `q_proj` holds `[query | gate]` per head and the output is multiplied by `sigmoid(gate)`.
+    pub gated: bool,
+    /// 1 for zero-centred q/k norms (`1 + w`), 0 for plain ones.
+    pub norm_offset: f32,
+    pub eps: f32,
+}
+
+impl AttentionShape {
+    pub fn q_width(&self) -> usize {
+        self.heads * self.head_dim * if self.gated { 2 } else { 1 }
+    }
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    pub fn out_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Shape of a GatedDeltaNet layer.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaNetShape {
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    pub conv_kernel: usize,
+    pub eps: f32,
+}
+
+impl DeltaNetShape {
+    pub fn key_width(&self) -> usize {
+        self.k_heads * self.k_dim
+    }
+    pub fn value_width(&self) -> usize {
+        self.v_heads * self.v_dim
+    }
+    pub fn conv_width(&self) -> usize {
+        2 * self.key_width() + self.value_width()
+    }
+    pub fn state_len(&self) -> usize {
+        self.v_heads * self.k_dim * self.v_dim
+    }
+}
+
+/// Small parameters of a DeltaNet layer, resident on the device.
+pub struct DeltaNetParams<'a, B: Backend + ?Sized> {
+    /// Depthwise causal convolution `[conv_width, kernel]`.
+    pub conv: &'a B::Tensor,
+    pub a_log: &'a B::Tensor,
+    pub dt_bias: &'a B::Tensor,
+    /// Gated RMSNorm weight `[v_dim]` (plain weight).
+    pub norm: &'a B::Tensor,
+}
+
+/// The projected inputs of a DeltaNet layer for `tokens` tokens.
+pub struct DeltaNetInputs<'a, B: Backend + ?Sized> {
+    /// `[tokens, conv_width]`: q, k, v channels before the convolution.
+    pub qkv: &'a B::Tensor,
+    /// `[tokens, value_width]`: output gate.
+    pub z: &'a B::Tensor,
+    /// `[tokens, v_heads]` each: pre-sigmoid beta and pre-softplus decay input.
+    pub b: &'a B::Tensor,
+    pub a: &'a B::Tensor,
+}
+
+/// Recurrent state of a DeltaNet layer: the last `kernel - 1` convolution inputs and the
+/// `[v_heads, k_dim, v_dim]` delta-rule state.
+pub struct DeltaNetState<B: Backend + ?Sized> {
+    pub conv: B::Tensor,
+    pub ssm: B::Tensor,
+}
+
+/// The key/value cache of one attention layer: `capacity` positions of `kv_width` floats each.
+pub struct KvCache<B: Backend + ?Sized> {
+    pub k: B::Tensor,
+    pub v: B::Tensor,
+    pub capacity: usize,
+}
+
+pub trait Backend: Send + Sync {
+    /// f32 activations on the device.
+    type Tensor: Send + Sync;
+    /// A weight matrix usable by `matmul` and `expert_ffn`.
+    type Weight: Send + Sync;
+
+    fn name(&self) -> String;
+
+    /// Makes a matrix usable on the device: once at load for dense weights, per fetch for experts.
+    fn weight(&self, m: &Matrix) -> Result<Self::Weight>;
+    fn tensor(&self, values: &[f32]) -> Self::Tensor;
+    fn zeros(&self, len: usize) -> Self::Tensor;
+    /// The first `len` values back on the host.
+    fn read(&self, t: &Self::Tensor, len: usize) -> Vec<f32>;
+    /// A new tensor of `len` values starting with the first `keep` values of `t` (cache growth).
+    fn resized(&self, t: &Self::Tensor, keep: usize, len: usize) -> Self::Tensor;
+
+    /// Rows `tokens` of the embedding table into `out` (`[tokens, hidden]`).
+    fn embed(&self, table: &Self::Weight, tokens: &[u32], out: &mut Self::Tensor);
+    /// `out[t] = W x[t]` for `tokens` rows.
+    fn matmul(&self, w: &Self::Weight, x: &Self::Tensor, tokens: usize, out: &mut Self::Tensor);
+    /// RMSNorm of `rows` rows of `w`'s width each: `x / rms(x) * (offset + w)`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, offset: f32, eps: f32, rows: usize, out: &mut Self::Tensor);
+    /// `acc[..len] += x[..len]`.
+    fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor, len: usize);
+    /// `out[t][j] = x[t][cols[j]]` for rows of `width`: reorders fused projections.
+    fn select_columns(&self, x: &Self::Tensor, width: usize, cols: &[u32], tokens: usize, out: &mut Self::Tensor);
+
+    /// Full attention of `tokens` new tokens at positions `past..past + tokens`: q/k norm, RoPE,
+    /// append to the cache, causal GQA softmax attention, optional sigmoid output gate.
+    /// `q` is `[tokens, q_width]`, `k`/`v` `[tokens, kv_width]`, `out` `[tokens, out_width]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        shape: &AttentionShape,
+        q_norm: &Self::Tensor,
+        k_norm: &Self::Tensor,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        cache: &mut KvCache<Self>,
+        past: usize,
+        tokens: usize,
+        out: &mut Self::Tensor,
+    );
+
+    /// GatedDeltaNet over `tokens` tokens: causal conv + SiLU, L2-normed q/k, gated delta rule
+    /// carrying `state`, gated RMSNorm. `out` is `[tokens, value_width]`.
+    fn delta_net(
+        &self,
+        shape: &DeltaNetShape,
+        params: &DeltaNetParams<'_, Self>,
+        inputs: &DeltaNetInputs<'_, Self>,
+        state: &mut DeltaNetState<Self>,
+        tokens: usize,
+        out: &mut Self::Tensor,
+    );
+
+    /// One SwiGLU expert on selected rows of `x` (`[*, hidden]`):
+    /// `acc[rows[i]] += scales[i] * down(silu(gate x) * up x)`.
+    fn expert_ffn(
+        &self,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+        down: &Self::Weight,
+        x: &Self::Tensor,
+        rows: &[u32],
+        scales: &[f32],
+        acc: &mut Self::Tensor,
+    );
+}

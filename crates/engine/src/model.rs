@@ -1,0 +1,370 @@
+//! The Qwen MoE families (Qwen3.5-MoE, Qwen3-Next, Qwen3-MoE), written once against
+//! [`Backend`]: load by canonical tensor names, then run a batch of tokens through the layers,
+//! carrying the per-layer state of a [`Session`].
+
+use crate::backend::*;
+use anyhow::{Context, Result, bail};
+use moe_core::{Family, LayerKind, ModelConfig, ops};
+use moe_store::{ExpertSource, ModelFiles, TensorSource};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    backend: B,
+    embed: B::Weight,
+    /// `None` when the output head is tied to the embeddings.
+    lm_head: Option<B::Weight>,
+    final_norm: B::Tensor,
+    layers: Vec<Layer<B>>,
+    experts: Arc<dyn ExpertSource>,
+    attention: AttentionShape,
+    delta: DeltaNetShape,
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Tensor,
+    post_norm: B::Tensor,
+    mixer: Mixer<B>,
+    router: B::Weight,
+    shared: Option<SharedExpert<B>>,
+}
+
+enum Mixer<B: Backend> {
+    Attention { q: B::Weight, k: B::Weight, v: B::Weight, o: B::Weight, q_norm: B::Tensor, k_norm: B::Tensor },
+    DeltaNet(DeltaNetLayer<B>),
+}
+
+struct DeltaNetLayer<B: Backend> {
+    input: DeltaNetProjection<B>,
+    conv: B::Tensor,
+    a_log: B::Tensor,
+    dt_bias: B::Tensor,
+    norm: B::Tensor,
+    out: B::Weight,
+}
+
+enum DeltaNetProjection<B: Backend> {
+    /// Qwen3.5: `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`.
+    Separate { qkv: B::Weight, z: B::Weight, b: B::Weight, a: B::Weight },
+    /// Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, grouped per key head; `order_*` put the
+    /// outputs back into `q | k | v | z` and `b | a` order.
+    Fused { qkvz: B::Weight, ba: B::Weight, order_qkvz: Vec<u32>, order_ba: Vec<u32> },
+}
+
+struct SharedExpert<B: Backend> {
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+    /// `[1, hidden]`: the sigmoid gate on the shared expert's output.
+    scale: B::Weight,
+}
+
+/// What a forward pass returns.
+pub struct Output {
+    /// `[positions, vocab]`: every position's logits, or just the last one's.
+    pub logits: Vec<f32>,
+    /// The residual stream after each layer (`[tokens, hidden]` each), when asked for.
+    pub hidden: Vec<Vec<f32>>,
+}
+
+/// Per-conversation state: the KV caches and DeltaNet states of every layer.
+pub struct Session<B: Backend> {
+    layers: Vec<LayerState<B>>,
+    /// Tokens processed so far (the position of the next token).
+    pub position: usize,
+}
+
+enum LayerState<B: Backend> {
+    Attention(KvCache<B>),
+    DeltaNet(DeltaNetState<B>),
+}
+
+impl<B: Backend> Model<B> {
+    pub fn load(files: &ModelFiles, config: ModelConfig, backend: B) -> Result<Self> {
+        let c = &config;
+        let t: &dyn TensorSource = &*files.tensors;
+        let (h, offset) = (c.hidden, c.family.norm_offset());
+        let weight = |name: &str, rows, cols| -> Result<B::Weight> { backend.weight(&t.matrix(name, rows, cols)?) };
+        let values = |name: &str, shape: &[usize]| -> Result<B::Tensor> { Ok(backend.tensor(&t.tensor(name)?.values(shape)?)) };
+        let attention = AttentionShape {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            rotary_dim: c.rotary_dim,
+            rope_theta: c.rope_theta,
+            gated: c.family.gated_attention(),
+            norm_offset: offset,
+            eps: c.rms_eps,
+        };
+        let delta = DeltaNetShape {
+            k_heads: c.delta_k_heads,
+            v_heads: c.delta_v_heads,
+            k_dim: c.delta_k_dim,
+            v_dim: c.delta_v_dim,
+            conv_kernel: c.conv_kernel,
+            eps: c.rms_eps,
+        };
+        let mut layers = Vec::with_capacity(c.layers.len());
+        for (i, kind) in c.layers.iter().enumerate() {
+            let p = format!("layers.{i}.");
+            let mixer = match kind {
+                LayerKind::Attention => {
+                    let a = format!("{p}self_attn.");
+                    let (kvw, ow) = (attention.kv_width(), attention.out_width());
+                    Mixer::Attention {
+                        q: weight(&format!("{a}q_proj.weight"), attention.q_width(), h)?,
+                        k: weight(&format!("{a}k_proj.weight"), kvw, h)?,
+                        v: weight(&format!("{a}v_proj.weight"), kvw, h)?,
+                        o: weight(&format!("{a}o_proj.weight"), h, ow)?,
+                        q_norm: values(&format!("{a}q_norm.weight"), &[c.head_dim])?,
+                        k_norm: values(&format!("{a}k_norm.weight"), &[c.head_dim])?,
+                    }
+                }
+                LayerKind::DeltaNet => {
+                    let a = format!("{p}linear_attn.");
+                    let (cw, vw, nv) = (delta.conv_width(), delta.value_width(), delta.v_heads);
+                    let input = if t.contains(&format!("{a}in_proj_qkvz.weight")) {
+                        let (order_qkvz, order_ba) = fused_orders(&delta);
+                        DeltaNetProjection::Fused {
+                            qkvz: weight(&format!("{a}in_proj_qkvz.weight"), cw + vw, h)?,
+                            ba: weight(&format!("{a}in_proj_ba.weight"), 2 * nv, h)?,
+                            order_qkvz,
+                            order_ba,
+                        }
+                    } else {
+                        DeltaNetProjection::Separate {
+                            qkv: weight(&format!("{a}in_proj_qkv.weight"), cw, h)?,
+                            z: weight(&format!("{a}in_proj_z.weight"), vw, h)?,
+                            b: weight(&format!("{a}in_proj_b.weight"), nv, h)?,
+                            a: weight(&format!("{a}in_proj_a.weight"), nv, h)?,
+                        }
+                    };
+                    Mixer::DeltaNet(DeltaNetLayer {
+                        input,
+                        conv: values(&format!("{a}conv1d.weight"), &[cw, 1, delta.conv_kernel])?,
+                        a_log: values(&format!("{a}A_log"), &[nv])?,
+                        dt_bias: values(&format!("{a}dt_bias"), &[nv])?,
+                        norm: values(&format!("{a}norm.weight"), &[delta.v_dim])?,
+                        out: weight(&format!("{a}out_proj.weight"), h, vw)?,
+                    })
+                }
+            };
+            let m = format!("{p}mlp.");
+            let shared = match c.shared_inter {
+                Some(si) => Some(SharedExpert {
+                    gate: weight(&format!("{m}shared_expert.gate_proj.weight"), si, h)?,
+                    up: weight(&format!("{m}shared_expert.up_proj.weight"), si, h)?,
+                    down: weight(&format!("{m}shared_expert.down_proj.weight"), h, si)?,
+                    scale: weight(&format!("{m}shared_expert_gate.weight"), 1, h)?,
+                }),
+                None => None,
+            };
+            layers.push(Layer {
+                input_norm: values(&format!("{p}input_layernorm.weight"), &[h])?,
+                post_norm: values(&format!("{p}post_attention_layernorm.weight"), &[h])?,
+                mixer,
+                router: weight(&format!("{m}gate.weight"), c.experts, h)?,
+                shared,
+            });
+        }
+        let embed = weight("embed_tokens.weight", c.vocab, h)?;
+        let lm_head = if c.tie_embeddings { None } else { Some(weight("lm_head.weight", c.vocab, h)?) };
+        Ok(Model {
+            final_norm: values("norm.weight", &[h])?,
+            embed,
+            lm_head,
+            layers,
+            experts: files.experts.clone(),
+            attention,
+            delta,
+            backend,
+            config,
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn new_session(&self) -> Session<B> {
+        let b = &self.backend;
+        let layers = self
+            .config
+            .layers
+            .iter()
+            .map(|kind| match kind {
+                LayerKind::Attention => LayerState::Attention(KvCache { k: b.zeros(0), v: b.zeros(0), capacity: 0 }),
+                LayerKind::DeltaNet => LayerState::DeltaNet(DeltaNetState {
+                    conv: b.zeros((self.delta.conv_kernel - 1) * self.delta.conv_width()),
+                    ssm: b.zeros(self.delta.state_len()),
+                }),
+            })
+            .collect();
+        Session { layers, position: 0 }
+    }
+
+    /// Runs `tokens` through the model at the session's position, all at once (prefill) or one
+    /// at a time when called with single tokens (decode); both give the same logits.
+    pub fn forward(&self, session: &mut Session<B>, tokens: &[u32], all_logits: bool, capture: bool) -> Result<Output> {
+        let c = &self.config;
+        let b = &self.backend;
+        let n = tokens.len();
+        if n == 0 {
+            bail!("no tokens to process");
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            bail!("token id {bad} is out of range: the vocabulary has {} entries", c.vocab);
+        }
+        let past = session.position;
+        if past + n > c.max_positions {
+            bail!("{} tokens exceed the context of {} positions", past + n, c.max_positions);
+        }
+        let h = c.hidden;
+        let mut x = b.zeros(n * h);
+        b.embed(&self.embed, tokens, &mut x);
+        let mut normed = b.zeros(n * h);
+        let mut mixed = b.zeros(n * h);
+        let mut hidden = Vec::new();
+        for (i, (layer, state)) in self.layers.iter().zip(session.layers.iter_mut()).enumerate() {
+            b.rms_norm(&x, &layer.input_norm, c.family.norm_offset(), c.rms_eps, n, &mut normed);
+            match (&layer.mixer, state) {
+                (Mixer::Attention { q, k, v, o, q_norm, k_norm }, LayerState::Attention(cache)) => {
+                    let s = &self.attention;
+                    let (mut qb, mut kb, mut vb) = (b.zeros(n * s.q_width()), b.zeros(n * s.kv_width()), b.zeros(n * s.kv_width()));
+                    b.matmul(q, &normed, n, &mut qb);
+                    b.matmul(k, &normed, n, &mut kb);
+                    b.matmul(v, &normed, n, &mut vb);
+                    self.reserve(cache, past + n);
+                    let mut attn = b.zeros(n * s.out_width());
+                    b.attention(s, q_norm, k_norm, &qb, &kb, &vb, cache, past, n, &mut attn);
+                    b.matmul(o, &attn, n, &mut mixed);
+                }
+                (Mixer::DeltaNet(d), LayerState::DeltaNet(dstate)) => self.delta_net(d, &normed, dstate, n, &mut mixed),
+                _ => unreachable!("session state built from the same layer list"),
+            }
+            b.add(&mut x, &mixed, n * h);
+            b.rms_norm(&x, &layer.post_norm, c.family.norm_offset(), c.rms_eps, n, &mut normed);
+            let moe = self.moe(i, layer, &normed, n).with_context(|| format!("layer {i}"))?;
+            b.add(&mut x, &moe, n * h);
+            if capture {
+                hidden.push(b.read(&x, n * h));
+            }
+        }
+        session.position += n;
+        let rows = if all_logits { n } else { 1 };
+        let last = if all_logits { x } else { b.tensor(&b.read(&x, n * h)[(n - 1) * h..]) };
+        b.rms_norm(&last, &self.final_norm, c.family.norm_offset(), c.rms_eps, rows, &mut normed);
+        let mut logits = b.zeros(rows * c.vocab);
+        b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &normed, rows, &mut logits);
+        Ok(Output { logits: b.read(&logits, rows * c.vocab), hidden })
+    }
+
+    /// Grows a KV cache to hold at least `positions`, doubling to keep growth rare.
+    fn reserve(&self, cache: &mut KvCache<B>, positions: usize) {
+        if positions <= cache.capacity {
+            return;
+        }
+        let w = self.attention.kv_width();
+        let cap = positions.next_power_of_two().clamp(64, self.config.max_positions.max(positions));
+        cache.k = self.backend.resized(&cache.k, cache.capacity * w, cap * w);
+        cache.v = self.backend.resized(&cache.v, cache.capacity * w, cap * w);
+        cache.capacity = cap;
+    }
+
+    fn delta_net(&self, d: &DeltaNetLayer<B>, x: &B::Tensor, state: &mut DeltaNetState<B>, n: usize, out: &mut B::Tensor) {
+        let (b, s) = (&self.backend, &self.delta);
+        let (cw, vw, nv) = (s.conv_width(), s.value_width(), s.v_heads);
+        let (mut qkv, mut z, mut beta, mut a) = (b.zeros(n * cw), b.zeros(n * vw), b.zeros(n * nv), b.zeros(n * nv));
+        match &d.input {
+            DeltaNetProjection::Separate { qkv: wqkv, z: wz, b: wb, a: wa } => {
+                b.matmul(wqkv, x, n, &mut qkv);
+                b.matmul(wz, x, n, &mut z);
+                b.matmul(wb, x, n, &mut beta);
+                b.matmul(wa, x, n, &mut a);
+            }
+            DeltaNetProjection::Fused { qkvz, ba, order_qkvz, order_ba } => {
+                let (mut fused, mut ordered) = (b.zeros(n * (cw + vw)), b.zeros(n * (cw + vw)));
+                b.matmul(qkvz, x, n, &mut fused);
+                b.select_columns(&fused, cw + vw, &order_qkvz[..cw], n, &mut qkv);
+                b.select_columns(&fused, cw + vw, &order_qkvz[cw..], n, &mut z);
+                b.matmul(ba, x, n, &mut ordered);
+                b.select_columns(&ordered, 2 * nv, &order_ba[..nv], n, &mut beta);
+                b.select_columns(&ordered, 2 * nv, &order_ba[nv..], n, &mut a);
+            }
+        }
+        let params = DeltaNetParams { conv: &d.conv, a_log: &d.a_log, dt_bias: &d.dt_bias, norm: &d.norm };
+        let inputs = DeltaNetInputs { qkv: &qkv, z: &z, b: &beta, a: &a };
+        let mut o = b.zeros(n * vw);
+        b.delta_net(s, &params, &inputs, state, n, &mut o);
+        b.matmul(&d.out, &o, n, out);
+    }
+
+    /// Routed experts (each computed once for all the tokens routed to it, in ascending id as
+    /// transformers accumulates them) plus the gated shared expert.
+    fn moe(&self, layer: usize, l: &Layer<B>, x: &B::Tensor, n: usize) -> Result<B::Tensor> {
+        let (b, c) = (&self.backend, &self.config);
+        let mut logits = b.zeros(n * c.experts);
+        b.matmul(&l.router, x, n, &mut logits);
+        let logits = b.read(&logits, n * c.experts);
+        let mut routes: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
+        for t in 0..n {
+            for (e, w) in ops::route(&logits[t * c.experts..(t + 1) * c.experts], c.top_k, c.norm_topk) {
+                let r = routes.entry(e).or_default();
+                r.0.push(t as u32);
+                r.1.push(w);
+            }
+        }
+        let mut acc = b.zeros(n * c.hidden);
+        for (e, (rows, scales)) in &routes {
+            let ex = self.experts.expert(layer, *e)?;
+            let (g, u, d) = (b.weight(&ex.gate)?, b.weight(&ex.up)?, b.weight(&ex.down)?);
+            b.expert_ffn(&g, &u, &d, x, rows, scales, &mut acc);
+        }
+        if let Some(s) = &l.shared {
+            let mut gate = b.zeros(n);
+            b.matmul(&s.scale, x, n, &mut gate);
+            let scales: Vec<f32> = b.read(&gate, n).into_iter().map(ops::sigmoid).collect();
+            let rows: Vec<u32> = (0..n as u32).collect();
+            b.expert_ffn(&s.gate, &s.up, &s.down, x, &rows, &scales, &mut acc);
+        }
+        Ok(acc)
+    }
+}
+
+/// Column orders that turn Qwen3-Next's per-key-head groups `[q_g | k_g | v_g | z_g]` and
+/// `[b_g | a_g]` into `q | k | v | z` and `b | a`.
+fn fused_orders(s: &DeltaNetShape) -> (Vec<u32>, Vec<u32>) {
+    let r = s.v_heads / s.k_heads;
+    let (dk, rv) = (s.k_dim, r * s.v_dim);
+    let group = 2 * dk + 2 * rv;
+    let part = |offset: usize, len: usize| -> Vec<u32> {
+        (0..s.k_heads).flat_map(|g| (0..len).map(move |i| (g * group + offset + i) as u32)).collect()
+    };
+    let qkvz = [part(0, dk), part(dk, dk), part(2 * dk, rv), part(2 * dk + rv, rv)].concat();
+    let ba_part = |offset: usize| -> Vec<u32> {
+        (0..s.k_heads).flat_map(|g| (0..r).map(move |i| (g * 2 * r + offset + i) as u32)).collect()
+    };
+    let ba = [ba_part(0), ba_part(r)].concat();
+    (qkvz, ba)
+}
+
+/// The family a model directory holds, for messages.
+pub fn describe(c: &ModelConfig) -> String {
+    let kinds = |k| c.layers.iter().filter(|l| **l == k).count();
+    let family = match c.family {
+        Family::Qwen35Moe => "Qwen3.5-MoE",
+        Family::Qwen3Next => "Qwen3-Next",
+        Family::Qwen3Moe => "Qwen3-MoE",
+    };
+    format!(
+        "{family} ({}): {} layers ({} attention, {} DeltaNet), hidden {}, {} experts top-{}",
+        c.family.name(),
+        c.layers.len(),
+        kinds(LayerKind::Attention),
+        kinds(LayerKind::DeltaNet),
+        c.hidden,
+        c.experts,
+        c.top_k
+    )
+}
