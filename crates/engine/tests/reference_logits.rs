@@ -40,6 +40,7 @@ fn check(name: &str, a: &[f32], r: &Reference, vocab: usize, what: &str) {
     let err = rel_l2(a, &r.logits);
     let agree = a.chunks(vocab).zip(r.logits.chunks(vocab)).filter(|(x, y)| argmax(x) == argmax(y)).count();
     let n = r.logits.len() / vocab;
+    eprintln!("{name} {what}: relative L2 error {err:.2e}, top-1 {agree}/{}", r.logits.len() / vocab);
     assert!(err <= 1e-4, "{name} {what}: relative L2 error {err:.3e} > 1e-4");
     assert_eq!(agree, n, "{name} {what}: top-1 agrees on {agree}/{n} positions");
 }

@@ -7,10 +7,15 @@
 
 mod error;
 mod hf;
+pub mod manifest;
+mod packed;
 mod safetensors_file;
 
 pub use error::StoreError;
 pub use hf::open_hf;
+pub use packed::{
+    DENSE_FILE, DenseFormat, ExpertFormat, MANIFEST_FILE, expert_file_name, open_packed, verify_packed, write_packed,
+};
 
 use moe_core::{Bytes, DType, Matrix, ModelConfig};
 use std::path::{Path, PathBuf};
@@ -63,6 +68,10 @@ pub trait TensorSource: Send + Sync {
     fn names(&self) -> Vec<String>;
     /// Bytes of all the tensors [`names`](Self::names) lists, as stored.
     fn dense_bytes(&self) -> usize;
+    /// A weight matrix `[rows, cols]` in whatever format it is stored (float or quantised).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, StoreError> {
+        self.tensor(name)?.matrix(rows, cols)
+    }
 }
 
 /// The three matrices of one routed expert: `gate` and `up` are `[inter, hidden]`, `down` is
@@ -98,6 +107,7 @@ pub struct ModelFiles {
 }
 
 /// Opens a model directory of any supported kind.
+/// A directory with a `manifest.json` is a packed model, anything else a Hugging Face one.
 pub fn open(dir: &Path) -> Result<ModelFiles, StoreError> {
-    open_hf(dir)
+    if dir.join(MANIFEST_FILE).is_file() { open_packed(dir) } else { open_hf(dir) }
 }
