@@ -5,6 +5,7 @@ pub mod bytes;
 pub mod config;
 pub mod format;
 pub mod ops;
+pub mod quant;
 pub mod sample;
 
 pub use bytes::Bytes;

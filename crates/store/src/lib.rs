@@ -1,5 +1,5 @@
 //! Everything flash-moe keeps on disk: Hugging Face safetensors directories, the expert
-//! sources the model reads routed experts through, and (later) the packed format.
+//! sources the model reads routed experts through, and the packed format (`docs/format.md`).
 //!
 //! The model code sees two interfaces: [`TensorSource`] for the resident (dense) weights, looked up
 //! by canonical name, and [`ExpertSource`] for routed experts, fetched one expert at a time so that
