@@ -16,6 +16,10 @@ struct Cli {
 enum Command {
     /// Write the logits of every position of a token sequence to a safetensors file.
     Logits(commands::logits::Args),
+    /// Generate text from a prompt, streaming it as it is produced.
+    Generate(commands::generate::Args),
+    /// Chat with the model in the terminal; the conversation state is kept across turns.
+    Chat(commands::chat::Args),
     /// Describe a model directory: family, dimensions, tensors and bytes.
     Inspect(commands::inspect::Args),
 }
@@ -25,12 +29,30 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Logits(a) => commands::logits::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Chat(a) => commands::chat::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes whose text the line already holds
+/// (library errors often print their source themselves).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }

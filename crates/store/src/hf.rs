@@ -26,7 +26,7 @@ pub fn open_hf(dir: &Path) -> Result<ModelFiles, StoreError> {
     if !dir.is_dir() {
         return Err(StoreError::Io {
             path: dir.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::NotFound, "not a model directory"),
+            source: io::Error::new(io::ErrorKind::NotFound, "no such model directory"),
         });
     }
     let config = read_config(dir)?;
@@ -202,9 +202,15 @@ fn parse_index(path: &Path, text: &str) -> Result<Vec<(String, String)>, StoreEr
         .collect()
 }
 
-/// Every `*.safetensors` file of `dir`, sorted by name.
+/// The weight files of an unindexed directory: `model.safetensors` where it exists (so that
+/// other safetensors files beside it, reference outputs say, are not taken for weights),
+/// otherwise every `*.safetensors` file, sorted by name.
 fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
     let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
