@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 use moe_core::{Family, LayerKind, ModelConfig, ops};
 use moe_store::{ExpertSource, ModelFiles, TensorSource};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
@@ -20,6 +21,43 @@ pub struct Model<B: Backend> {
     experts: Arc<dyn ExpertSource>,
     attention: AttentionShape,
     delta: DeltaNetShape,
+    profile: Mutex<Profile>,
+}
+
+/// Where the time of forward passes went, summed over calls since the last reset.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    pub attention: Duration,
+    pub delta_net: Duration,
+    pub router: Duration,
+    /// Waiting for routed experts to arrive from the expert store.
+    pub expert_wait: Duration,
+    pub experts: Duration,
+    pub shared_expert: Duration,
+    /// Embedding, norms, residual adds and the output head.
+    pub other: Duration,
+    pub tokens: usize,
+    /// Routed expert computations (an expert used by several tokens of a batch counts once).
+    pub expert_uses: usize,
+}
+
+impl Profile {
+    pub fn total(&self) -> Duration {
+        self.attention + self.delta_net + self.router + self.expert_wait + self.experts + self.shared_expert + self.other
+    }
+
+    /// The phases and their times, for reports.
+    pub fn phases(&self) -> [(&'static str, Duration); 7] {
+        [
+            ("attention", self.attention),
+            ("deltanet", self.delta_net),
+            ("router", self.router),
+            ("expert wait", self.expert_wait),
+            ("experts", self.experts),
+            ("shared expert", self.shared_expert),
+            ("other", self.other),
+        ]
+    }
 }
 
 struct Layer<B: Backend> {
@@ -180,11 +218,21 @@ impl<B: Backend> Model<B> {
             delta,
             backend,
             config,
+            profile: Mutex::default(),
         })
     }
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    pub fn experts(&self) -> &dyn ExpertSource {
+        &*self.experts
+    }
+
+    /// The time spent per phase since the last call (and resets it).
+    pub fn take_profile(&self) -> Profile {
+        std::mem::take(&mut *self.profile.lock().unwrap())
     }
 
     pub fn new_session(&self) -> Session<B> {
@@ -221,6 +269,8 @@ impl<B: Backend> Model<B> {
             bail!("{} tokens exceed the context of {} positions", past + n, c.max_positions);
         }
         let h = c.hidden;
+        let mut prof = Profile { tokens: n, ..Profile::default() };
+        let mut clock = Stopwatch::start();
         let mut x = b.zeros(n * h);
         b.embed(&self.embed, tokens, &mut x);
         let mut normed = b.zeros(n * h);
@@ -228,6 +278,7 @@ impl<B: Backend> Model<B> {
         let mut hidden = Vec::new();
         for (i, (layer, state)) in self.layers.iter().zip(session.layers.iter_mut()).enumerate() {
             b.rms_norm(&x, &layer.input_norm, c.family.norm_offset(), c.rms_eps, n, &mut normed);
+            clock.lap(&mut prof.other);
             match (&layer.mixer, state) {
                 (Mixer::Attention { q, k, v, o, q_norm, k_norm }, LayerState::Attention(cache)) => {
                     let s = &self.attention;
@@ -239,13 +290,19 @@ impl<B: Backend> Model<B> {
                     let mut attn = b.zeros(n * s.out_width());
                     b.attention(s, q_norm, k_norm, &qb, &kb, &vb, cache, past, n, &mut attn);
                     b.matmul(o, &attn, n, &mut mixed);
+                    clock.lap(&mut prof.attention);
                 }
-                (Mixer::DeltaNet(d), LayerState::DeltaNet(dstate)) => self.delta_net(d, &normed, dstate, n, &mut mixed),
+                (Mixer::DeltaNet(d), LayerState::DeltaNet(dstate)) => {
+                    self.delta_net(d, &normed, dstate, n, &mut mixed);
+                    clock.lap(&mut prof.delta_net);
+                }
                 _ => unreachable!("session state built from the same layer list"),
             }
             b.add(&mut x, &mixed, n * h);
             b.rms_norm(&x, &layer.post_norm, c.family.norm_offset(), c.rms_eps, n, &mut normed);
-            let moe = self.moe(i, layer, &normed, n).with_context(|| format!("layer {i}"))?;
+            clock.lap(&mut prof.other);
+            let moe = self.moe(i, layer, &normed, n, &mut prof).with_context(|| format!("layer {i}"))?;
+            clock = Stopwatch::start();
             b.add(&mut x, &moe, n * h);
             if capture {
                 hidden.push(b.read(&x, n * h));
@@ -257,7 +314,10 @@ impl<B: Backend> Model<B> {
         b.rms_norm(&last, &self.final_norm, c.family.norm_offset(), c.rms_eps, rows, &mut normed);
         let mut logits = b.zeros(rows * c.vocab);
         b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &normed, rows, &mut logits);
-        Ok(Output { logits: b.read(&logits, rows * c.vocab), hidden })
+        let logits = b.read(&logits, rows * c.vocab);
+        clock.lap(&mut prof.other);
+        self.profile.lock().unwrap().add(&prof);
+        Ok(Output { logits, hidden })
     }
 
     /// Grows a KV cache to hold at least `positions`, doubling to keep growth rare.
@@ -302,8 +362,9 @@ impl<B: Backend> Model<B> {
 
     /// Routed experts (each computed once for all the tokens routed to it, in ascending id as
     /// transformers accumulates them) plus the gated shared expert.
-    fn moe(&self, layer: usize, l: &Layer<B>, x: &B::Tensor, n: usize) -> Result<B::Tensor> {
+    fn moe(&self, layer: usize, l: &Layer<B>, x: &B::Tensor, n: usize, prof: &mut Profile) -> Result<B::Tensor> {
         let (b, c) = (&self.backend, &self.config);
+        let mut clock = Stopwatch::start();
         let mut logits = b.zeros(n * c.experts);
         b.matmul(&l.router, x, n, &mut logits);
         let logits = b.read(&logits, n * c.experts);
@@ -315,20 +376,57 @@ impl<B: Backend> Model<B> {
                 r.1.push(w);
             }
         }
+        let ids: Vec<usize> = routes.keys().copied().collect();
+        self.experts.prefetch(layer, &ids);
+        clock.lap(&mut prof.router);
+        // The shared expert runs while the routed experts are read.
         let mut acc = b.zeros(n * c.hidden);
-        for (e, (rows, scales)) in &routes {
-            let ex = self.experts.expert(layer, *e)?;
-            let (g, u, d) = (b.weight(&ex.gate)?, b.weight(&ex.up)?, b.weight(&ex.down)?);
-            b.expert_ffn(&g, &u, &d, x, rows, scales, &mut acc);
-        }
         if let Some(s) = &l.shared {
             let mut gate = b.zeros(n);
             b.matmul(&s.scale, x, n, &mut gate);
             let scales: Vec<f32> = b.read(&gate, n).into_iter().map(ops::sigmoid).collect();
             let rows: Vec<u32> = (0..n as u32).collect();
             b.expert_ffn(&s.gate, &s.up, &s.down, x, &rows, &scales, &mut acc);
+            clock.lap(&mut prof.shared_expert);
         }
+        for (e, (rows, scales)) in &routes {
+            let ex = self.experts.expert(layer, *e)?;
+            let (g, u, d) = (b.weight(&ex.gate)?, b.weight(&ex.up)?, b.weight(&ex.down)?);
+            clock.lap(&mut prof.expert_wait);
+            b.expert_ffn(&g, &u, &d, x, rows, scales, &mut acc);
+            clock.lap(&mut prof.experts);
+        }
+        prof.expert_uses += routes.len();
         Ok(acc)
+    }
+}
+
+/// Adds the time since the previous lap to a phase.
+struct Stopwatch(Instant);
+
+impl Stopwatch {
+    fn start() -> Self {
+        Stopwatch(Instant::now())
+    }
+
+    fn lap(&mut self, slot: &mut Duration) {
+        let now = Instant::now();
+        *slot += now - self.0;
+        self.0 = now;
+    }
+}
+
+impl Profile {
+    fn add(&mut self, o: &Profile) {
+        self.attention += o.attention;
+        self.delta_net += o.delta_net;
+        self.router += o.router;
+        self.expert_wait += o.expert_wait;
+        self.experts += o.experts;
+        self.shared_expert += o.shared_expert;
+        self.other += o.other;
+        self.tokens += o.tokens;
+        self.expert_uses += o.expert_uses;
     }
 }
 

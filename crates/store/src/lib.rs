@@ -8,16 +8,18 @@
 mod error;
 mod hf;
 pub mod manifest;
+mod mlx;
 mod packed;
 mod safetensors_file;
 
 pub use error::StoreError;
 pub use hf::open_hf;
+pub use mlx::{is_mlx_dir, open_mlx};
 pub use packed::{
     DENSE_FILE, DenseFormat, ExpertFormat, MANIFEST_FILE, expert_file_name, open_packed, verify_packed, write_packed,
 };
 
-use moe_core::{Bytes, DType, Matrix, ModelConfig};
+use moe_core::{Bytes, DType, Matrix, ModelConfig, WeightFormat};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -72,6 +74,13 @@ pub trait TensorSource: Send + Sync {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, StoreError> {
         self.tensor(name)?.matrix(rows, cols)
     }
+    /// The logical shape (`[rows, cols]` for a quantised matrix) and the stored format of a
+    /// tensor, without converting anything. Sources of quantised tensors, which
+    /// [`tensor`](Self::tensor) can't hand out, override it.
+    fn stored_format(&self, name: &str) -> Result<(Vec<usize>, WeightFormat), StoreError> {
+        let t = self.tensor(name)?;
+        Ok((t.shape, WeightFormat::Float(t.dtype)))
+    }
 }
 
 /// The three matrices of one routed expert: `gate` and `up` are `[inter, hidden]`, `down` is
@@ -92,6 +101,8 @@ impl Expert {
 /// Routed experts, fetched per use. Implementations must be safe to call from many threads.
 pub trait ExpertSource: Send + Sync {
     fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError>;
+    /// Starts fetching experts that `expert` will be asked for soon; a hint, free to ignore.
+    fn prefetch(&self, _layer: usize, _experts: &[usize]) {}
     /// Bytes one expert occupies (what one fetch reads).
     fn expert_bytes(&self) -> usize;
     /// Bytes of all routed experts of the model.
@@ -106,8 +117,48 @@ pub struct ModelFiles {
     pub experts: Arc<dyn ExpertSource>,
 }
 
-/// Opens a model directory of any supported kind.
-/// A directory with a `manifest.json` is a packed model, anything else a Hugging Face one.
+/// Opens a model directory of any supported kind: a directory with a `manifest.json` is a packed
+/// model, one with MLX quantisation or MLX tensor names an MLX one ([`is_mlx_dir`]), anything
+/// else a Hugging Face one. Formats flash-moe can't read (GGUF files, Hugging Face checkpoints
+/// quantised with a `quant_method`) are refused with an error saying so.
 pub fn open(dir: &Path) -> Result<ModelFiles, StoreError> {
-    if dir.join(MANIFEST_FILE).is_file() { open_packed(dir) } else { open_hf(dir) }
+    if dir.join(MANIFEST_FILE).is_file() {
+        return open_packed(dir);
+    }
+    unsupported_format(dir)?;
+    if is_mlx_dir(dir) { open_mlx(dir) } else { open_hf(dir) }
+}
+
+/// An error for directories of a format flash-moe does not read.
+fn unsupported_format(dir: &Path) -> Result<(), StoreError> {
+    let refuse = |why: String| {
+        Err(StoreError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::Unsupported, why) })
+    };
+    let config = std::fs::read_to_string(dir.join("config.json")).ok();
+    if let Some(method) = config
+        .as_deref()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .and_then(|v| v.get("quantization_config")?.get("quant_method")?.as_str().map(str::to_string))
+    {
+        return refuse(format!(
+            "unsupported model format: a Hugging Face checkpoint quantised with {method:?}; \
+             use the bf16/f16 checkpoint or an mlx-community 4-bit one"
+        ));
+    }
+    if config.is_none()
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        let gguf: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.to_ascii_lowercase().ends_with(".gguf"))
+            .collect();
+        if let Some(first) = gguf.first() {
+            return refuse(format!(
+                "unsupported model format: GGUF ({first}), which flash-moe does not read; \
+                 use the Hugging Face safetensors or mlx-community directory of the model"
+            ));
+        }
+    }
+    Ok(())
 }
