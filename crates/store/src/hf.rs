@@ -46,12 +46,21 @@ fn read_config(dir: &Path) -> Result<ModelConfig, StoreError> {
 }
 
 /// The canonical name of a tensor name as written in a file; `None` for tensors text inference
-/// ignores.
+/// ignores. MLX names (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`)
+/// map the same way.
 pub(crate) fn canonical(name: &str) -> Option<&str> {
-    if ["model.visual.", "visual.", "mtp."].iter().any(|p| name.starts_with(p)) {
+    if ["model.visual.", "visual.", "mtp.", "vision_tower.", "language_model.vision_tower."]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
         return None;
     }
-    Some(name.strip_prefix("model.language_model.").or_else(|| name.strip_prefix("model.")).unwrap_or(name))
+    Some(
+        ["model.language_model.", "language_model.model.", "language_model.", "model."]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .unwrap_or(name),
+    )
 }
 
 /// Whether a canonical name belongs to a routed expert (`layers.N.mlp.experts.*`; the shared
@@ -145,7 +154,12 @@ impl HfTensors {
         Ok(HfTensors { dir: dir.to_path_buf(), files, by_name })
     }
 
-    fn lookup(&self, name: &str) -> Option<(&SafetensorsFile, &Entry)> {
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file and header entry of a tensor, by canonical or file name, whatever its dtype.
+    pub(crate) fn lookup(&self, name: &str) -> Option<(&SafetensorsFile, &Entry)> {
         let &(fi, ei) = self.by_name.get(canonical(name)?)?;
         let file = &self.files[fi];
         Some((file, &file.entries[ei]))
@@ -340,6 +354,9 @@ mod tests {
         assert_eq!(canonical("model.visual.blocks.0.attn.qkv.weight"), None);
         assert_eq!(canonical("visual.merger.weight"), None);
         assert_eq!(canonical("mtp.fc.weight"), None);
+        assert_eq!(canonical("language_model.model.layers.0.mlp.gate.scales"), Some("layers.0.mlp.gate.scales"));
+        assert_eq!(canonical("language_model.lm_head.weight"), Some("lm_head.weight"));
+        assert_eq!(canonical("vision_tower.blocks.0.attn.qkv.weight"), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod manifest;
 mod mlx;
 mod packed;
 mod safetensors_file;
+mod synth;
 
 pub use error::StoreError;
 pub use hf::open_hf;
@@ -18,6 +19,7 @@ pub use mlx::{is_mlx_dir, open_mlx};
 pub use packed::{
     DENSE_FILE, DenseFormat, ExpertFormat, MANIFEST_FILE, expert_file_name, open_packed, verify_packed, write_packed,
 };
+pub use synth::{SynthShape, write_synthetic};
 
 use moe_core::{Bytes, DType, Matrix, ModelConfig, WeightFormat};
 use std::path::{Path, PathBuf};
@@ -132,7 +134,10 @@ pub fn open(dir: &Path) -> Result<ModelFiles, StoreError> {
 /// An error for directories of a format flash-moe does not read.
 fn unsupported_format(dir: &Path) -> Result<(), StoreError> {
     let refuse = |why: String| {
-        Err(StoreError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::Unsupported, why) })
+        Err(StoreError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::Unsupported, why),
+        })
     };
     let config = std::fs::read_to_string(dir.join("config.json")).ok();
     if let Some(method) = config

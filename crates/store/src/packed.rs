@@ -71,7 +71,8 @@ impl ExpertFormat {
             ExpertFormat::Q2 => "q2",
         }
     }
-    fn bits(self) -> Option<u32> {
+    /// Bits of the codes; `None` for bf16.
+    pub fn bits(self) -> Option<u32> {
         match self {
             ExpertFormat::Bf16 => None,
             ExpertFormat::Q8 => Some(8),
@@ -153,6 +154,53 @@ pub fn write_packed(
     force: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), StoreError> {
+    let origin = Origin::of_dir(&src.dir)?;
+    write_packed_with(src, &origin, out, experts, dense, force, progress)
+}
+
+/// Where a packed directory comes from, apart from the model's tensors: the manifest's `source`,
+/// the `config.json` text it embeds, and the small files stored beside the model.
+pub(crate) struct Origin {
+    pub label: String,
+    pub config: String,
+    pub files: Vec<ExtraFile>,
+}
+
+/// A small file written into the packed directory under `name`.
+pub(crate) struct ExtraFile {
+    pub name: String,
+    pub len: u64,
+    pub data: ExtraData,
+}
+
+pub(crate) enum ExtraData {
+    /// Copied from this file.
+    Copy(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+impl Origin {
+    /// A model directory on disk: its `config.json` (or the config a packed directory carries)
+    /// and its config, tokenizer, chat template and generation files.
+    fn of_dir(dir: &Path) -> Result<Origin, StoreError> {
+        Ok(Origin {
+            label: fs::canonicalize(dir).unwrap_or(dir.to_path_buf()).to_string_lossy().into_owned(),
+            config: source_config(dir)?,
+            files: extra_files(dir)?,
+        })
+    }
+}
+
+/// [`write_packed`] with the origin given rather than read from `src.dir` (synthetic models).
+pub(crate) fn write_packed_with(
+    src: &ModelFiles,
+    origin: &Origin,
+    out: &Path,
+    experts: ExpertFormat,
+    dense: DenseFormat,
+    force: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), StoreError> {
     let io_err = |path: &Path, source: io::Error| StoreError::Io { path: path.to_path_buf(), source };
     let out_name = out.file_name().ok_or_else(|| {
         io_err(out, io::Error::new(io::ErrorKind::InvalidInput, "the destination must name a directory"))
@@ -186,7 +234,7 @@ pub fn write_packed(
     fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
     let mut guard = TempDir { path: tmp.clone(), keep: false };
 
-    Writer { src, dir: &tmp, experts, dense, progress, done: 0, total: 0 }.run()?;
+    Writer { src, origin, dir: &tmp, experts, dense, progress, done: 0, total: 0 }.run()?;
 
     if exists {
         let old = out.with_file_name(format!("{}.old-{pid}", out_name.to_string_lossy()));
@@ -316,6 +364,7 @@ fn st_dtype(d: DType) -> &'static str {
 
 struct Writer<'a> {
     src: &'a ModelFiles,
+    origin: &'a Origin,
     dir: &'a Path,
     experts: ExpertFormat,
     dense: DenseFormat,
@@ -330,8 +379,7 @@ const BLOCK_ELEMS: usize = 1 << 20;
 impl Writer<'_> {
     fn run(mut self) -> Result<(), StoreError> {
         let cfg = &self.src.config;
-        let config_text = self.source_config()?;
-        let config: Value = serde_json::from_str(&config_text).map_err(|e| StoreError::Corrupt {
+        let config: Value = serde_json::from_str(&self.origin.config).map_err(|e| StoreError::Corrupt {
             file: self.src.dir.join("config.json"),
             why: format!("not valid JSON: {e}"),
         })?;
@@ -339,13 +387,12 @@ impl Writer<'_> {
         let first = self.src.experts.expert(0, 0)?;
         let (comps, record_bytes) = self.expert_layout(&first);
         let stride = record_bytes.max(1).div_ceil(RECORD_ALIGN) * RECORD_ALIGN;
-        let extras = self.extra_files()?;
 
         let dense_bytes: usize = plans.iter().map(DensePlan::bytes).sum();
         let layers = cfg.layers.len();
         self.total = dense_bytes as u64
             + (layers * cfg.experts) as u64 * stride
-            + extras.iter().map(|(_, len)| len).sum::<u64>();
+            + self.origin.files.iter().map(|f| f.len).sum::<u64>();
         (self.progress)(0, self.total);
 
         let dense_file = self.write_dense(&plans)?;
@@ -356,15 +403,15 @@ impl Writer<'_> {
             expert_files.push(self.write_layer(layer, &comps, record_bytes, stride)?);
         }
         let mut files = Vec::new();
-        for (path, _) in &extras {
-            files.push(self.copy_file(path)?);
+        for extra in &self.origin.files {
+            files.push(self.copy_file(extra)?);
         }
 
         let [gate, up, down] = comps;
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
             version: FORMAT_VERSION,
-            source: fs::canonicalize(&self.src.dir).unwrap_or(self.src.dir.clone()).to_string_lossy().into_owned(),
+            source: self.origin.label.clone(),
             family: cfg.family.name().into(),
             config,
             checksum: CHECKSUM.into(),
@@ -408,25 +455,50 @@ impl Writer<'_> {
         self.done += bytes;
         (self.progress)(self.done, self.total);
     }
+}
 
-    /// The source's `config.json` text: the file, or the config a packed source carries.
-    fn source_config(&self) -> Result<String, StoreError> {
-        let path = self.src.dir.join("config.json");
-        match fs::read_to_string(&path) {
-            Ok(text) => return Ok(text),
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(StoreError::Io { path, source: e }),
-            Err(_) => {}
-        }
-        let mpath = self.src.dir.join(MANIFEST_FILE);
-        if let Ok(text) = fs::read_to_string(&mpath) {
-            return Ok(Manifest::parse(&mpath, &text)?.config.to_string());
-        }
-        Err(StoreError::MissingConfig(self.src.dir.clone()))
+/// The source's `config.json` text: the file, or the config a packed source carries.
+fn source_config(dir: &Path) -> Result<String, StoreError> {
+    let path = dir.join("config.json");
+    match fs::read_to_string(&path) {
+        Ok(text) => return Ok(text),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(StoreError::Io { path, source: e }),
+        Err(_) => {}
     }
+    let mpath = dir.join(MANIFEST_FILE);
+    if let Ok(text) = fs::read_to_string(&mpath) {
+        return Ok(Manifest::parse(&mpath, &text)?.config.to_string());
+    }
+    Err(StoreError::MissingConfig(dir.to_path_buf()))
+}
 
+/// Small files of the source directory the engine may want (config, tokenizer, chat template,
+/// generation config), with their sizes.
+fn extra_files(dir: &Path) -> Result<Vec<ExtraFile>, StoreError> {
+    const EXTENSIONS: [&str; 6] = ["json", "jinja", "txt", "model", "tiktoken", "md"];
+    const MAX: u64 = 256 << 20;
+    let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = fs::metadata(&path) else { continue };
+        let wanted = EXTENSIONS.iter().any(|e| name.ends_with(&format!(".{e}")))
+            && !name.ends_with(".index.json")
+            && name != MANIFEST_FILE
+            && !name.starts_with('.');
+        if meta.is_file() && wanted && meta.len() <= MAX {
+            out.push(ExtraFile { name, len: meta.len(), data: ExtraData::Copy(path) });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+impl Writer<'_> {
     fn plan_dense(&self) -> Result<Vec<DensePlan>, StoreError> {
         let names = self.src.tensors.names();
-        let affine_sources = self.affine_source_tensors();
         let mut plans = Vec::with_capacity(names.len());
         for name in names {
             if name.ends_with(".scales") || name.ends_with(".biases") {
@@ -435,23 +507,18 @@ impl Writer<'_> {
                     why: format!("tensor {name:?} collides with the names packed quantised tensors use"),
                 });
             }
-            // A quantised source tensor has no float `Tensor`: its shape and format come from
-            // what the source says about it, and its data through `TensorSource::matrix`.
-            let (shape, source) = match self.src.tensors.tensor(&name) {
-                Ok(t) => (t.shape.clone(), WeightFormat::Float(t.dtype)),
-                Err(e) => match affine_sources.get(&name) {
-                    Some((shape, format)) => (shape.clone(), *format),
-                    None => return Err(e),
-                },
-            };
+            // A quantised source tensor has no float `Tensor`: its data comes through
+            // `TensorSource::matrix`.
+            let (shape, source) = self.src.tensors.stored_format(&name)?;
             let target = if keeps_float(&name, &shape) {
                 source
             } else {
                 match self.dense {
                     DenseFormat::Bf16 => WeightFormat::Float(DType::BF16),
-                    // An 8-bit source keeps its own group (and is copied as it is).
+                    // A source quantised to at most 8 bits (MLX 4-bit, a packed q8) is copied as
+                    // it is, with its own group: requantising could only lose.
                     DenseFormat::Q8 => match (source, affine_group(shape[1], 8)) {
-                        (WeightFormat::Affine { bits: 8, group }, _) => WeightFormat::Affine { bits: 8, group },
+                        (WeightFormat::Affine { bits, group }, _) if bits <= 8 => WeightFormat::Affine { bits, group },
                         (_, Some(group)) => WeightFormat::Affine { bits: 8, group },
                         (_, None) => WeightFormat::Float(DType::BF16),
                     },
@@ -469,24 +536,6 @@ impl Writer<'_> {
             plans.push(DensePlan { name, shape, source, target });
         }
         Ok(plans)
-    }
-
-    /// Logical shapes and formats of the source's quantised dense tensors, which `tensor()` can't
-    /// hand out. A packed source records them in its manifest.
-    ///
-    /// MLX 4-bit sources go here too once their reader exists: the shape is `[rows, cols]` with
-    /// `cols = scales.shape[1] * group`, bits and group from `config.json["quantization"]` (or
-    /// inferred from the shapes, model-spec.md section 4.1).
-    fn affine_source_tensors(&self) -> HashMap<String, (Vec<usize>, WeightFormat)> {
-        let path = self.src.dir.join(MANIFEST_FILE);
-        let Ok(text) = fs::read_to_string(&path) else { return HashMap::new() };
-        let Ok(m) = Manifest::parse(&path, &text) else { return HashMap::new() };
-        m.dense
-            .tensors
-            .into_iter()
-            .filter(|t| matches!(t.format, TensorFormat::Affine { .. }))
-            .map(|t| (t.name, (t.shape, t.format.weight_format())))
-            .collect()
     }
 
     fn write_dense(&mut self, plans: &[DensePlan]) -> Result<FileEntry, StoreError> {
@@ -615,34 +664,17 @@ impl Writer<'_> {
         Ok(ExpertFile { layer, file: f.finish(self.dir)?, expert_xxh64: hashes })
     }
 
-    /// Small files of the source directory the engine may want (config, tokenizer, chat
-    /// template, generation config), with their sizes.
-    fn extra_files(&self) -> Result<Vec<(PathBuf, u64)>, StoreError> {
-        const EXTENSIONS: [&str; 6] = ["json", "jinja", "txt", "model", "tiktoken", "md"];
-        const MAX: u64 = 256 << 20;
-        let io = |source| StoreError::Io { path: self.src.dir.clone(), source };
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.src.dir).map_err(io)? {
-            let entry = entry.map_err(io)?;
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Ok(meta) = fs::metadata(&path) else { continue };
-            let wanted = EXTENSIONS.iter().any(|e| name.ends_with(&format!(".{e}")))
-                && !name.ends_with(".index.json")
-                && name != MANIFEST_FILE
-                && !name.starts_with('.');
-            if meta.is_file() && wanted && meta.len() <= MAX {
-                out.push((path, meta.len()));
+    fn copy_file(&mut self, extra: &ExtraFile) -> Result<FileEntry, StoreError> {
+        let read;
+        let data = match &extra.data {
+            ExtraData::Copy(path) => {
+                read = fs::read(path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+                &read
             }
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    fn copy_file(&mut self, path: &Path) -> Result<FileEntry, StoreError> {
-        let data = fs::read(path).map_err(|source| StoreError::Io { path: path.to_path_buf(), source })?;
-        let mut f = HashedFile::create(self.dir.join(path.file_name().expect("a listed file")))?;
-        f.write(&data)?;
+            ExtraData::Bytes(bytes) => bytes,
+        };
+        let mut f = HashedFile::create(self.dir.join(&extra.name))?;
+        f.write(data)?;
         self.tick(data.len() as u64);
         f.finish(self.dir)
     }
@@ -916,6 +948,13 @@ impl TensorSource for PackedTensors {
 
     fn dense_bytes(&self) -> usize {
         self.entries.values().map(DenseEntry::byte_len).sum()
+    }
+
+    fn stored_format(&self, name: &str) -> Result<(Vec<usize>, WeightFormat), StoreError> {
+        match self.entries.get(name).ok_or_else(|| self.missing(name))? {
+            DenseEntry::Float { dtype, shape, .. } => Ok((shape.clone(), WeightFormat::Float(*dtype))),
+            DenseEntry::Affine { format, rows, cols, .. } => Ok((vec![*rows, *cols], *format)),
+        }
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, StoreError> {
