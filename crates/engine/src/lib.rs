@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod chat_template;
 pub mod cpu_backend;
+pub mod cuda_backend;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;

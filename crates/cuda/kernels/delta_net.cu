@@ -1,0 +1,120 @@
+// GatedDeltaNet: causal depthwise conv + SiLU, L2-normed q/k, the gated delta rule over the
+// device-resident state, gated RMSNorm.
+
+#define DN_MAX_KERNEL 8
+
+// One thread per channel walks the tokens; `hist` is [kernel - 1, channels], oldest first.
+extern "C" __global__ void dn_conv(const float* __restrict__ qkv, const float* __restrict__ w, float* __restrict__ hist,
+                                   float* __restrict__ mixed, int channels, int kernel, int tokens) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= channels) return;
+    float h[DN_MAX_KERNEL - 1];
+    float wk[DN_MAX_KERNEL];
+#pragma unroll
+    for (int j = 0; j < DN_MAX_KERNEL - 1; j++) h[j] = j < kernel - 1 ? hist[(u64)j * channels + ch] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < DN_MAX_KERNEL; j++) wk[j] = j < kernel ? w[(u64)ch * kernel + j] : 0.0f;
+    for (int t = 0; t < tokens; t++) {
+        const float in = qkv[(u64)t * channels + ch];
+        float acc = 0.0f, last = 0.0f;
+#pragma unroll
+        for (int j = 0; j < DN_MAX_KERNEL; j++)
+            if (j == kernel - 1) last = wk[j];
+        acc = last * in;
+#pragma unroll
+        for (int j = 0; j < DN_MAX_KERNEL - 1; j++)
+            if (j < kernel - 1) acc = fmaf(wk[j], h[j], acc);
+        mixed[(u64)t * channels + ch] = siluf_(acc);
+#pragma unroll
+        for (int j = 0; j < DN_MAX_KERNEL - 2; j++)
+            if (j < kernel - 2) h[j] = h[j + 1];
+#pragma unroll
+        for (int j = 0; j < DN_MAX_KERNEL - 1; j++)
+            if (j == kernel - 2) h[j] = in;
+    }
+#pragma unroll
+    for (int j = 0; j < DN_MAX_KERNEL - 1; j++)
+        if (j < kernel - 1) hist[(u64)j * channels + ch] = h[j];
+}
+
+// Grid (tokens, 2 * k_heads): L2-normalise each q and k head in place; q heads are also scaled
+// by 1/sqrt(k_dim).
+extern "C" __global__ void dn_qk_norm(float* __restrict__ mixed, int channels, int k_heads, int k_dim) {
+    __shared__ float red[32];
+    const int t = blockIdx.x, head = blockIdx.y;
+    float* x = mixed + (u64)t * channels + (u64)head * k_dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < k_dim; i += blockDim.x) ss = fmaf(x[i], x[i], ss);
+    const float total = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(total + 1e-6f);
+    const float scale = 1.0f / sqrtf((float)k_dim);
+    for (int i = threadIdx.x; i < k_dim; i += blockDim.x) {
+        float v = x[i] * inv;
+        if (head < k_heads) v *= scale;
+        x[i] = v;
+    }
+}
+
+// Grid (v_heads, ceil(v_dim / 32)), 32 threads: each thread owns one value column of the head's
+// [k_dim, v_dim] state, kept in shared memory while the block walks the tokens.
+extern "C" __global__ void __launch_bounds__(32)
+    dn_recurrence(const float* __restrict__ mixed, const float* __restrict__ beta_in, const float* __restrict__ a_in,
+                  const float* __restrict__ a_log, const float* __restrict__ dt_bias, float* __restrict__ ssm,
+                  float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim, int v_dim, int tokens) {
+    extern __shared__ float smem[];
+    float* S = smem;                   // [k_dim][32]
+    float* qs = smem + k_dim * 32;     // k_dim
+    float* ks = qs + k_dim;            // k_dim
+    const int h = blockIdx.x;
+    const int lane = threadIdx.x;
+    const int j = blockIdx.y * 32 + lane;
+    const bool valid = j < v_dim;
+    const int kh = h / (v_heads / k_heads);
+    const int kw = k_heads * k_dim;
+    const u64 vw = (u64)v_heads * v_dim;
+    float* state = ssm + (u64)h * k_dim * v_dim;
+    for (int i = 0; i < k_dim; i++) S[i * 32 + lane] = valid ? state[(u64)i * v_dim + j] : 0.0f;
+    const float neg_a = -expf(a_log[h]);
+    const float bias = dt_bias[h];
+    for (int t = 0; t < tokens; t++) {
+        const float* row = mixed + (u64)t * channels;
+        __syncwarp();
+        for (int i = lane; i < k_dim; i += 32) {
+            qs[i] = row[kh * k_dim + i];
+            ks[i] = row[kw + kh * k_dim + i];
+        }
+        __syncwarp();
+        const float beta = sigmoidf_(beta_in[(u64)t * v_heads + h]);
+        const float g = neg_a * softplusf_(a_in[(u64)t * v_heads + h] + bias);
+        const float decay = expf(g);
+        const float v = valid ? row[2 * kw + (u64)h * v_dim + j] : 0.0f;
+        float kv = 0.0f;
+        for (int i = 0; i < k_dim; i++) {
+            const float s = S[i * 32 + lane] * decay;
+            S[i * 32 + lane] = s;
+            kv = fmaf(ks[i], s, kv);
+        }
+        const float delta = (v - kv) * beta;
+        float o = 0.0f;
+        for (int i = 0; i < k_dim; i++) {
+            const float s = fmaf(ks[i], delta, S[i * 32 + lane]);
+            S[i * 32 + lane] = s;
+            o = fmaf(qs[i], s, o);
+        }
+        if (valid) out[(u64)t * vw + (u64)h * v_dim + j] = o;
+    }
+    if (valid)
+        for (int i = 0; i < k_dim; i++) state[(u64)i * v_dim + j] = S[i * 32 + lane];
+}
+
+// Grid (tokens, v_heads): o = rmsnorm(o) * w * silu(z), in place.
+extern "C" __global__ void dn_gated_norm(float* __restrict__ o, const float* __restrict__ z, const float* __restrict__ w,
+                                         int v_heads, int v_dim, float eps) {
+    __shared__ float red[32];
+    const u64 base = (u64)blockIdx.x * v_heads * v_dim + (u64)blockIdx.y * v_dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) ss = fmaf(o[base + i], o[base + i], ss);
+    const float total = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(total / (float)v_dim + eps);
+    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) o[base + i] = o[base + i] * inv * w[i] * siluf_(z[base + i]);
+}

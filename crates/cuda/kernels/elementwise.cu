@@ -1,0 +1,53 @@
+// Norms and the small data-movement kernels.
+
+// `out = x / rms(x) * (offset + w)` per row of `width`; one block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
+                                    int width, float offset, float eps) {
+    __shared__ float red[32];
+    const u64 base = (u64)blockIdx.x * width;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) ss = fmaf(x[base + j], x[base + j], ss);
+    const float total = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(total / (float)width + eps);
+    for (int j = threadIdx.x; j < width; j += blockDim.x) out[base + j] = x[base + j] * inv * (offset + w[j]);
+}
+
+extern "C" __global__ void add_inplace(float* __restrict__ acc, const float* __restrict__ x, u64 len) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x) acc[i] += x[i];
+}
+
+// out[t][j] = x[t][cols[j]] for rows of `width`.
+extern "C" __global__ void select_columns(const float* __restrict__ x, int width, const u32* __restrict__ cols, int n,
+                                          int tokens, float* __restrict__ out) {
+    const u64 total = (u64)tokens * n;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const u64 t = i / n;
+        const int j = (int)(i % n);
+        out[i] = x[t * width + cols[j]];
+    }
+}
+
+// xs[i] = x[rows[i]] for rows of `width`.
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* __restrict__ rows, int width, int n,
+                                       float* __restrict__ xs) {
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const u64 src = (u64)rows[i] * width, dst = (u64)i * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) xs[dst + j] = x[src + j];
+}
+
+// gate = silu(gate) * up.
+extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restrict__ up, u64 len) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
+        gate[i] = siluf_(gate[i]) * up[i];
+}
+
+// acc[rows[i]] += scales[i] * y[i]; the rows are distinct.
+extern "C" __global__ void scatter_add(float* __restrict__ acc, const float* __restrict__ y, const u32* __restrict__ rows,
+                                       const float* __restrict__ scales, int width, int n) {
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const u64 dst = (u64)rows[i] * width, src = (u64)i * width;
+    const float s = scales[i];
+    for (int j = threadIdx.x; j < width; j += blockDim.x) acc[dst + j] += s * y[src + j];
+}

@@ -1,0 +1,165 @@
+// Matrix products `out[t] = W x[t]` over every weight format, and the embedding lookup.
+// `x` is [tokens, cols], `out` is [tokens, rows], both row-major f32.
+
+// ---- Few tokens: one warp per weight row, 16-byte loads, each weight chunk decoded once and
+// used for up to MV_TOKENS tokens at a time.
+
+#define MV_TOKENS 8
+#define MV_WARPS 8
+
+template <int F>
+__device__ __forceinline__ void matvec_impl(const u8* __restrict__ data, const u16* __restrict__ scales,
+                                            const u16* __restrict__ biases, int rows, int cols,
+                                            const float* __restrict__ x, int tokens, float* __restrict__ out,
+                                            int vec) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int E = Chunk<F>::E;
+    const u64 row_bytes = (u64)cols * Fmt<F>::BITS / 8;
+    const int groups = cols / GROUP;
+    for (int t0 = 0; t0 < tokens; t0 += MV_TOKENS) {
+        const int nt = min(MV_TOKENS, tokens - t0);
+        float acc[MV_TOKENS];
+#pragma unroll
+        for (int t = 0; t < MV_TOKENS; t++) acc[t] = 0.0f;
+        const float* xt = x + (u64)t0 * cols;
+        if (vec) {
+            const uint4* wrow = (const uint4*)(data + (u64)row * row_bytes);
+            const int chunks = (int)(row_bytes / 16);
+            for (int c = lane; c < chunks; c += 32) {
+                const uint4 raw = __ldg(wrow + c);
+                float s = 0.0f, b = 0.0f;
+                if (Fmt<F>::AFFINE) {
+                    const u64 g = (u64)row * groups + (c * E) / GROUP;
+                    s = bf16_to_f32(scales[g]);
+                    b = bf16_to_f32(biases[g]);
+                }
+                float w[E];
+                decode_chunk<F>(raw, s, b, w);
+#pragma unroll
+                for (int t = 0; t < MV_TOKENS; t++) {
+                    if (t < nt) {
+                        const float4* xv = (const float4*)(xt + (u64)t * cols + c * E);
+                        float a = acc[t];
+#pragma unroll
+                        for (int i = 0; i < E / 4; i++) {
+                            const float4 v = __ldg(xv + i);
+                            a = fmaf(w[4 * i], v.x, a);
+                            a = fmaf(w[4 * i + 1], v.y, a);
+                            a = fmaf(w[4 * i + 2], v.z, a);
+                            a = fmaf(w[4 * i + 3], v.w, a);
+                        }
+                        acc[t] = a;
+                    }
+                }
+            }
+        } else {
+            for (int k = lane; k < cols; k += 32) {
+                const float w = weight_at<F>(data, scales, biases, row, cols, k);
+#pragma unroll
+                for (int t = 0; t < MV_TOKENS; t++)
+                    if (t < nt) acc[t] = fmaf(w, xt[(u64)t * cols + k], acc[t]);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < MV_TOKENS; t++) {
+            if (t < nt) {
+                const float v = warp_sum(acc[t]);
+                if (lane == 0) out[(u64)(t0 + t) * rows + row] = v;
+            }
+        }
+    }
+}
+
+// ---- Many tokens: 64 rows x 64 tokens per block, weights dequantised once per tile into
+// shared memory, 4x4 outputs per thread, fp32 FMA.
+
+#define TM 64
+#define TN 64
+#define TK 32
+#define TPAD 4
+
+template <int F>
+__device__ __forceinline__ void matmul_tiled_impl(const u8* __restrict__ data, const u16* __restrict__ scales,
+                                                  const u16* __restrict__ biases, int rows, int cols,
+                                                  const float* __restrict__ x, int tokens, float* __restrict__ out) {
+    __shared__ __align__(16) float ws[TK][TM + TPAD];
+    __shared__ __align__(16) float xs[TK][TN + TPAD];
+    const int tid = threadIdx.x;  // 256 threads
+    const int r0 = blockIdx.x * TM, n0 = blockIdx.y * TN;
+    const int ty = tid / 16, tx = tid % 16;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    // Loader roles: 4 threads per row (or token), 8 consecutive k each.
+    const int lr = tid / 4, lk = (tid % 4) * 8;
+    for (int k0 = 0; k0 < cols; k0 += TK) {
+        {
+            const int r = r0 + lr;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const int k = k0 + lk + i;
+                ws[lk + i][lr] = (r < rows && k < cols) ? weight_at<F>(data, scales, biases, r, cols, k) : 0.0f;
+            }
+            const int n = n0 + lr;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const int k = k0 + lk + i;
+                xs[lk + i][lr] = (n < tokens && k < cols) ? x[(u64)n * cols + k] : 0.0f;
+            }
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < TK; kk++) {
+            const float4 a = *(const float4*)&ws[kk][ty * 4];
+            const float4 b = *(const float4*)&xs[kk][tx * 4];
+            const float av[4] = {a.x, a.y, a.z, a.w};
+            const float bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int n = n0 + tx * 4 + j;
+        if (n >= tokens) continue;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = r0 + ty * 4 + i;
+            if (r < rows) out[(u64)n * rows + r] = acc[i][j];
+        }
+    }
+}
+
+template <int F>
+__device__ __forceinline__ void embed_impl(const u8* data, const u16* scales, const u16* biases, int cols,
+                                           const u32* tokens, float* out) {
+    const int t = blockIdx.x;
+    const u64 row = tokens[t];
+    for (int k = threadIdx.x; k < cols; k += blockDim.x)
+        out[(u64)t * cols + k] = weight_at<F>(data, scales, biases, row, cols, k);
+}
+
+#define DEFINE_MATMUL(NAME, F)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                                   \
+        matvec_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x,  \
+                      int tokens, float* out, int vec) {                                                           \
+        matvec_impl<F>(data, scales, biases, rows, cols, x, tokens, out, vec);                                     \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                                             \
+        matmul_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x,  \
+                      int tokens, float* out) {                                                                    \
+        matmul_tiled_impl<F>(data, scales, biases, rows, cols, x, tokens, out);                                    \
+    }                                                                                                              \
+    extern "C" __global__ void embed_##NAME(const u8* data, const u16* scales, const u16* biases, int cols,      \
+                                            const u32* tokens, float* out) {                                       \
+        embed_impl<F>(data, scales, biases, cols, tokens, out);                                                    \
+    }
+
+FOR_EACH_FORMAT(DEFINE_MATMUL)

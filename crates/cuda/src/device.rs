@@ -1,0 +1,607 @@
+//! The device: context, stream, loaded kernels, and a typed launcher per kernel.
+
+use crate::{Context, Error, Result, loader, ptx};
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use moe_core::{DType, Matrix, WeightFormat};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Every kernel the module must export.
+pub(crate) const KERNELS: &[&str] = &[
+    "matvec_f32",
+    "matvec_f16",
+    "matvec_bf16",
+    "matvec_q8",
+    "matvec_q4",
+    "matvec_q2",
+    "matmul_f32",
+    "matmul_f16",
+    "matmul_bf16",
+    "matmul_q8",
+    "matmul_q4",
+    "matmul_q2",
+    "embed_f32",
+    "embed_f16",
+    "embed_bf16",
+    "embed_q8",
+    "embed_q4",
+    "embed_q2",
+    "rms_norm",
+    "add_inplace",
+    "select_columns",
+    "gather_rows",
+    "swiglu",
+    "scatter_add",
+    "attn_append_kv",
+    "attn_decode",
+    "dn_conv",
+    "dn_qk_norm",
+    "dn_recurrence",
+    "dn_gated_norm",
+];
+
+/// Up to this many tokens a matrix product runs as warp-per-row matvecs (weights read once per
+/// 8 tokens); above it, as the tiled kernel.
+const MATVEC_MAX_TOKENS: usize = 8;
+const MV_ROWS_PER_BLOCK: u32 = 8;
+const TILE: u32 = 64;
+/// Limits of the attention and DeltaNet kernels (register arrays, shared memory).
+const ATTN_MAX_HEAD_DIM: usize = 512;
+const ATTN_THREADS: u32 = 128;
+const DN_MAX_KERNEL: usize = 8;
+const DN_MAX_K_DIM: usize = 320;
+
+/// A weight matrix in device memory, in its stored format.
+pub struct DeviceMatrix {
+    pub format: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    data: CudaSlice<u8>,
+    /// bf16 scales and biases of affine formats.
+    scales: Option<CudaSlice<u8>>,
+    biases: Option<CudaSlice<u8>>,
+}
+
+impl DeviceMatrix {
+    /// Bytes held on the device.
+    pub fn byte_len(&self) -> usize {
+        self.data.len() + self.scales.as_ref().map_or(0, |s| s.len()) + self.biases.as_ref().map_or(0, |s| s.len())
+    }
+
+    fn suffix(&self) -> &'static str {
+        match self.format {
+            WeightFormat::Float(DType::F32) => "f32",
+            WeightFormat::Float(DType::F16) => "f16",
+            WeightFormat::Float(DType::BF16) => "bf16",
+            WeightFormat::Affine { bits: 8, .. } => "q8",
+            WeightFormat::Affine { bits: 4, .. } => "q4",
+            WeightFormat::Affine { bits: 2, .. } => "q2",
+            WeightFormat::Affine { .. } => unreachable!("checked at upload"),
+        }
+    }
+
+    /// Whether rows can be read as aligned 16-byte chunks and inputs as float4.
+    fn vectorised(&self) -> bool {
+        self.code_row_bytes().is_multiple_of(16) && self.cols.is_multiple_of(4)
+    }
+
+    /// Bytes of one row's elements or codes (scales and biases are stored apart).
+    fn code_row_bytes(&self) -> usize {
+        match self.format {
+            WeightFormat::Float(d) => self.cols * d.size(),
+            WeightFormat::Affine { bits, .. } => self.cols * bits as usize / 8,
+        }
+    }
+}
+
+/// Shape of a full-attention layer (the engine's `AttentionShape`).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub rope_theta: f64,
+    pub gated: bool,
+    pub norm_offset: f32,
+    pub eps: f32,
+}
+
+/// Shape of a GatedDeltaNet layer (the engine's `DeltaNetShape`).
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaNetParams {
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    pub conv_kernel: usize,
+    pub eps: f32,
+}
+
+/// One GPU: its context, the stream every operation is queued on, and the compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    /// Stands in for the absent scales and biases of float formats.
+    dummy: CudaSlice<u8>,
+    name: String,
+    capability: (i32, i32),
+}
+
+fn grid_1d(len: usize, threads: u32) -> LaunchConfig {
+    let blocks = len.div_ceil(threads as usize).clamp(1, 1 << 20) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn i32_of(v: usize, what: &str) -> i32 {
+    i32::try_from(v).unwrap_or_else(|_| panic!("{what} = {v} does not fit the kernels' 32-bit sizes"))
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, compiling the kernels for it (or loading them from the PTX cache).
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        if !loader::driver_present() {
+            return Err(Error::NoDriver);
+        }
+        match cudarc::driver::result::init() {
+            Ok(()) => {}
+            Err(e) if matches!(e.0, CUresult::CUDA_ERROR_NO_DEVICE | CUresult::CUDA_ERROR_INVALID_DEVICE) => {
+                return Err(Error::NoDevice);
+            }
+            Err(e) => return Err(Error::Driver { what: "cuInit", source: e }),
+        }
+        let count = CudaContext::device_count().what("cuDeviceGetCount")?.max(0) as usize;
+        if count == 0 {
+            return Err(Error::NoDevice);
+        }
+        if ordinal >= count {
+            return Err(Error::NoSuchDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).what("creating the context")?;
+        // One stream orders everything, so cudarc's per-buffer events are pure overhead.
+        // SAFETY: no buffer exists yet, and all work goes to the single stream created below.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().what("creating a stream")?;
+        let name = ctx.name().what("reading the device name")?;
+        let capability = ctx.compute_capability().what("reading the compute capability")?;
+        let arch = ptx::arch(capability.0, capability.1);
+        let (ptx, origin) = ptx::load(ptx::SOURCE, &arch, true)?;
+        let module = match ctx.load_module(ptx) {
+            Ok(m) => m,
+            Err(e) => match origin {
+                // A stale or foreign cache entry: compile afresh (this also rewrites the entry).
+                ptx::Origin::Cache(file) => {
+                    let _ = std::fs::remove_file(file);
+                    let (ptx, _) = ptx::load(ptx::SOURCE, &arch, false)?;
+                    ctx.load_module(ptx).what("loading the kernels")?
+                }
+                ptx::Origin::Compiled => return Err(Error::Driver { what: "loading the kernels", source: e }),
+            },
+        };
+        let mut functions = HashMap::new();
+        for &k in KERNELS {
+            functions.insert(k, module.load_function(k).what("looking up a kernel")?);
+        }
+        let dummy = stream.alloc_zeros::<u8>(16).what("allocating")?;
+        Ok(Gpu { ctx, stream, functions, dummy, name, capability })
+    }
+
+    /// The device's name and compute capability, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
+    pub fn describe(&self) -> String {
+        format!("{} (sm_{}{})", self.name, self.capability.0, self.capability.1)
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.capability
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().what("reading memory info")
+    }
+
+    /// Waits for all queued work; reports errors of earlier asynchronous calls.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().what("synchronising")?;
+        self.ctx.check_err().what("an earlier asynchronous call")
+    }
+
+    fn f(&self, name: &'static str) -> &CudaFunction {
+        &self.functions[name]
+    }
+
+    // ---- Buffers.
+
+    pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        if len == 0 {
+            return self.stream.null().what("allocating");
+        }
+        self.stream.alloc_zeros(len).what("allocating")
+    }
+
+    pub fn upload(&self, values: &[f32]) -> Result<CudaSlice<f32>> {
+        if values.is_empty() {
+            return self.stream.null().what("allocating");
+        }
+        self.stream.clone_htod(values).what("copying to the device")
+    }
+
+    fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
+        self.stream.clone_htod(values).what("copying to the device")
+    }
+
+    /// The first `len` values of `t`, back on the host.
+    pub fn download(&self, t: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>> {
+        assert!(len <= t.len(), "download of {len} values from a buffer of {}", t.len());
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let v = self.stream.clone_dtoh(&t.slice(0..len)).what("copying to the host")?;
+        self.synchronize()?;
+        Ok(v)
+    }
+
+    /// A new buffer of `len` zeros starting with the first `keep` values of `t`.
+    pub fn resized(&self, t: &CudaSlice<f32>, keep: usize, len: usize) -> Result<CudaSlice<f32>> {
+        assert!(keep <= t.len() && keep <= len, "resize keeping {keep} of {} into {len}", t.len());
+        let mut out = self.zeros(len)?;
+        if keep > 0 {
+            self.stream.memcpy_dtod(&t.slice(0..keep), &mut out.slice_mut(0..keep)).what("copying on the device")?;
+        }
+        Ok(out)
+    }
+
+    /// Uploads a weight matrix in its stored format.
+    pub fn matrix(&self, m: &Matrix) -> Result<DeviceMatrix> {
+        let copy = |b: &[u8]| -> Result<CudaSlice<u8>> {
+            if b.is_empty() {
+                return self.stream.null().what("allocating");
+            }
+            self.stream.clone_htod(b).what("copying a weight to the device")
+        };
+        let (scales, biases) = match m.format {
+            WeightFormat::Float(_) => (None, None),
+            WeightFormat::Affine { bits, group } => {
+                if !matches!(bits, 2 | 4 | 8) || group != 64 {
+                    return Err(Error::Unsupported(format!("weight format {}", m.format.name())));
+                }
+                (Some(copy(&m.scales)?), Some(copy(&m.biases)?))
+            }
+        };
+        Ok(DeviceMatrix { format: m.format, rows: m.rows, cols: m.cols, data: copy(&m.data)?, scales, biases })
+    }
+
+    // ---- Kernels. Buffer sizes are checked here, so that no kernel reads or writes out of bounds.
+
+    /// `out[t] = table[tokens[t]]` (`[tokens, cols]`).
+    pub fn embed(&self, table: &DeviceMatrix, tokens: &[u32], out: &mut CudaSlice<f32>) -> Result<()> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        assert!(out.len() >= tokens.len() * table.cols, "embed: output too small");
+        assert!(tokens.iter().all(|&t| (t as usize) < table.rows), "embed: token id out of range");
+        let ids = self.upload_u32(tokens)?;
+        let f = self.f(match table.suffix() {
+            "f32" => "embed_f32",
+            "f16" => "embed_f16",
+            "bf16" => "embed_bf16",
+            "q8" => "embed_q8",
+            "q4" => "embed_q4",
+            _ => "embed_q2",
+        });
+        let (sc, bi) = self.scales(table);
+        let cols = i32_of(table.cols, "cols");
+        let cfg = LaunchConfig { grid_dim: (tokens.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&table.data).arg(sc).arg(bi).arg(&cols).arg(&ids).arg(out);
+        unsafe { b.launch(cfg) }.what("launching embed")?;
+        Ok(())
+    }
+
+    fn scales<'a>(&'a self, m: &'a DeviceMatrix) -> (&'a CudaSlice<u8>, &'a CudaSlice<u8>) {
+        (m.scales.as_ref().unwrap_or(&self.dummy), m.biases.as_ref().unwrap_or(&self.dummy))
+    }
+
+    /// `out[t] = W x[t]` for `tokens` rows: `x` is `[tokens, cols]`, `out` `[tokens, rows]`.
+    pub fn matmul(&self, w: &DeviceMatrix, x: &CudaSlice<f32>, tokens: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        if tokens == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        assert!(x.len() >= tokens * w.cols, "matmul: input of {} values < {tokens} x {}", x.len(), w.cols);
+        assert!(out.len() >= tokens * w.rows, "matmul: output of {} values < {tokens} x {}", out.len(), w.rows);
+        let (rows, cols, n) = (i32_of(w.rows, "rows"), i32_of(w.cols, "cols"), i32_of(tokens, "tokens"));
+        let (sc, bi) = self.scales(w);
+        let sfx = w.suffix();
+        if tokens <= MATVEC_MAX_TOKENS {
+            let f = self.f(match sfx {
+                "f32" => "matvec_f32",
+                "f16" => "matvec_f16",
+                "bf16" => "matvec_bf16",
+                "q8" => "matvec_q8",
+                "q4" => "matvec_q4",
+                _ => "matvec_q2",
+            });
+            let vec = w.vectorised() as i32;
+            let blocks = (w.rows as u32).div_ceil(MV_ROWS_PER_BLOCK);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (32 * MV_ROWS_PER_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&w.data).arg(sc).arg(bi).arg(&rows).arg(&cols).arg(x).arg(&n).arg(out).arg(&vec);
+            unsafe { b.launch(cfg) }.what("launching matvec")?;
+        } else {
+            let f = self.f(match sfx {
+                "f32" => "matmul_f32",
+                "f16" => "matmul_f16",
+                "bf16" => "matmul_bf16",
+                "q8" => "matmul_q8",
+                "q4" => "matmul_q4",
+                _ => "matmul_q2",
+            });
+            let cfg = LaunchConfig {
+                grid_dim: ((w.rows as u32).div_ceil(TILE), (tokens as u32).div_ceil(TILE), 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&w.data).arg(sc).arg(bi).arg(&rows).arg(&cols).arg(x).arg(&n).arg(out);
+            unsafe { b.launch(cfg) }.what("launching matmul")?;
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of `rows` rows of `w.len()` values: `x / rms(x) * (offset + w)`.
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        offset: f32,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let width = w.len();
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        assert!(x.len() >= rows * width && out.len() >= rows * width, "rms_norm: buffers too small");
+        let width_i = i32_of(width, "width");
+        let threads = (width.next_power_of_two() as u32).clamp(32, 1024);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(self.f("rms_norm"));
+        b.arg(x).arg(w).arg(out).arg(&width_i).arg(&offset).arg(&eps);
+        unsafe { b.launch(cfg) }.what("launching rms_norm")?;
+        Ok(())
+    }
+
+    /// `acc[..len] += x[..len]`.
+    pub fn add(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        assert!(acc.len() >= len && x.len() >= len, "add: buffers too small");
+        let n = len as u64;
+        let mut b = self.stream.launch_builder(self.f("add_inplace"));
+        b.arg(acc).arg(x).arg(&n);
+        unsafe { b.launch(grid_1d(len, 256)) }.what("launching add")?;
+        Ok(())
+    }
+
+    /// `out[t][j] = x[t][cols[j]]` for rows of `width`.
+    pub fn select_columns(
+        &self,
+        x: &CudaSlice<f32>,
+        width: usize,
+        cols: &[u32],
+        tokens: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if tokens == 0 || cols.is_empty() {
+            return Ok(());
+        }
+        assert!(x.len() >= tokens * width && out.len() >= tokens * cols.len(), "select_columns: buffers too small");
+        assert!(cols.iter().all(|&c| (c as usize) < width), "select_columns: column out of range");
+        let idx = self.upload_u32(cols)?;
+        let (w, n, t) = (i32_of(width, "width"), i32_of(cols.len(), "columns"), i32_of(tokens, "tokens"));
+        let mut b = self.stream.launch_builder(self.f("select_columns"));
+        b.arg(x).arg(&w).arg(&idx).arg(&n).arg(&t).arg(out);
+        unsafe { b.launch(grid_1d(tokens * cols.len(), 256)) }.what("launching select_columns")?;
+        Ok(())
+    }
+
+    /// Full attention of `tokens` new tokens at positions `past..past + tokens`; see the
+    /// engine's `Backend::attention`. The caches hold `capacity` rows of `kv_heads * head_dim`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        p: &AttentionParams,
+        q_norm: &CudaSlice<f32>,
+        k_norm: &CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        k_cache: &mut CudaSlice<f32>,
+        v_cache: &mut CudaSlice<f32>,
+        past: usize,
+        tokens: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let hd = p.head_dim;
+        if hd > ATTN_MAX_HEAD_DIM || hd == 0 || p.kv_heads == 0 || !p.heads.is_multiple_of(p.kv_heads) {
+            return Err(Error::Unsupported(format!(
+                "attention with head_dim {hd} (at most {ATTN_MAX_HEAD_DIM}), {} heads, {} kv heads",
+                p.heads, p.kv_heads
+            )));
+        }
+        let kvw = p.kv_heads * hd;
+        let qw = p.heads * hd * if p.gated { 2 } else { 1 };
+        assert!(q.len() >= tokens * qw, "attention: q too small");
+        assert!(k.len() >= tokens * kvw && v.len() >= tokens * kvw, "attention: k/v too small");
+        assert!(
+            k_cache.len() >= (past + tokens) * kvw && v_cache.len() >= (past + tokens) * kvw,
+            "attention: cache too small"
+        );
+        assert!(out.len() >= tokens * p.heads * hd, "attention: output too small");
+        assert!(q_norm.len() >= hd && k_norm.len() >= hd, "attention: norm weights too small");
+        let (heads, kv_heads, hd_i) =
+            (i32_of(p.heads, "heads"), i32_of(p.kv_heads, "kv_heads"), i32_of(hd, "head_dim"));
+        let (rot, past_i, gated) = (i32_of(p.rotary_dim, "rotary_dim"), i32_of(past, "past"), p.gated as i32);
+        let (theta, offset, eps) = (p.rope_theta, p.norm_offset, p.eps);
+        let threads = (hd.next_power_of_two() as u32).clamp(32, 256);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, p.kv_heads as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: (hd * 4) as u32,
+        };
+        let mut b = self.stream.launch_builder(self.f("attn_append_kv"));
+        b.arg(k).arg(v).arg(k_norm).arg(&mut *k_cache).arg(&mut *v_cache);
+        b.arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(&past_i);
+        unsafe { b.launch(cfg) }.what("launching attn_append_kv")?;
+
+        let warps = (ATTN_THREADS / 32) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, p.heads as u32, 1),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: ((2 + warps) * hd * 4) as u32,
+        };
+        let mut b = self.stream.launch_builder(self.f("attn_decode"));
+        b.arg(q).arg(q_norm).arg(&*k_cache).arg(&*v_cache).arg(out);
+        b.arg(&heads).arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(&past_i).arg(&gated);
+        unsafe { b.launch(cfg) }.what("launching attn_decode")?;
+        Ok(())
+    }
+
+    /// GatedDeltaNet over `tokens` tokens; see the engine's `Backend::delta_net`.
+    /// `conv_w` is `[conv_width, kernel]`; `conv_state` `[kernel - 1, conv_width]`; `ssm`
+    /// `[v_heads, k_dim, v_dim]`; `qkv` `[tokens, conv_width]`; `z` and `out`
+    /// `[tokens, value_width]`; `beta` and `a` `[tokens, v_heads]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn delta_net(
+        &self,
+        p: &DeltaNetParams,
+        conv_w: &CudaSlice<f32>,
+        a_log: &CudaSlice<f32>,
+        dt_bias: &CudaSlice<f32>,
+        norm: &CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
+        z: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        conv_state: &mut CudaSlice<f32>,
+        ssm: &mut CudaSlice<f32>,
+        tokens: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let (kh, vh, dk, dv, kk) = (p.k_heads, p.v_heads, p.k_dim, p.v_dim, p.conv_kernel);
+        if kk == 0 || kk > DN_MAX_KERNEL || dk > DN_MAX_K_DIM || kh == 0 || !vh.is_multiple_of(kh) {
+            return Err(Error::Unsupported(format!(
+                "DeltaNet with conv kernel {kk} (at most {DN_MAX_KERNEL}), k_dim {dk} (at most {DN_MAX_K_DIM}), {kh} key heads, {vh} value heads"
+            )));
+        }
+        let kw = kh * dk;
+        let vw = vh * dv;
+        let cw = 2 * kw + vw;
+        assert!(qkv.len() >= tokens * cw && z.len() >= tokens * vw, "delta_net: inputs too small");
+        assert!(beta.len() >= tokens * vh && a.len() >= tokens * vh, "delta_net: beta/a too small");
+        assert!(conv_w.len() >= cw * kk && conv_state.len() >= (kk - 1) * cw, "delta_net: conv buffers too small");
+        assert!(ssm.len() >= vh * dk * dv && out.len() >= tokens * vw, "delta_net: state/output too small");
+        assert!(a_log.len() >= vh && dt_bias.len() >= vh && norm.len() >= dv, "delta_net: parameters too small");
+        let mut mixed = self.zeros(tokens * cw)?;
+        let (cw_i, kk_i, t_i) = (i32_of(cw, "conv_width"), i32_of(kk, "kernel"), i32_of(tokens, "tokens"));
+        let (kh_i, vh_i, dk_i, dv_i) =
+            (i32_of(kh, "k_heads"), i32_of(vh, "v_heads"), i32_of(dk, "k_dim"), i32_of(dv, "v_dim"));
+
+        let mut b = self.stream.launch_builder(self.f("dn_conv"));
+        b.arg(qkv).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i);
+        unsafe { b.launch(grid_1d(cw, 128)) }.what("launching dn_conv")?;
+
+        let threads = (dk.next_power_of_two() as u32).clamp(32, 256);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, 2 * kh as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.f("dn_qk_norm"));
+        b.arg(&mut mixed).arg(&cw_i).arg(&kh_i).arg(&dk_i);
+        unsafe { b.launch(cfg) }.what("launching dn_qk_norm")?;
+
+        let cfg = LaunchConfig {
+            grid_dim: (vh as u32, dv.div_ceil(32) as u32, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: ((dk * 32 + 2 * dk) * 4) as u32,
+        };
+        let mut b = self.stream.launch_builder(self.f("dn_recurrence"));
+        b.arg(&mixed).arg(beta).arg(a).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
+        b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
+        unsafe { b.launch(cfg) }.what("launching dn_recurrence")?;
+
+        let threads = (dv.next_power_of_two() as u32).clamp(32, 256);
+        let eps = p.eps;
+        let cfg =
+            LaunchConfig { grid_dim: (tokens as u32, vh as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(self.f("dn_gated_norm"));
+        b.arg(&mut *out).arg(z).arg(norm).arg(&vh_i).arg(&dv_i).arg(&eps);
+        unsafe { b.launch(cfg) }.what("launching dn_gated_norm")?;
+        Ok(())
+    }
+
+    /// One SwiGLU expert on rows `rows` of `x` (`[*, hidden]`):
+    /// `acc[rows[i]] += scales[i] * down(silu(gate x) * up x)`. The rows must be distinct.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert_ffn(
+        &self,
+        gate: &DeviceMatrix,
+        up: &DeviceMatrix,
+        down: &DeviceMatrix,
+        x: &CudaSlice<f32>,
+        rows: &[u32],
+        scales: &[f32],
+        acc: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = rows.len();
+        if n == 0 {
+            return Ok(());
+        }
+        assert_eq!(n, scales.len(), "expert_ffn: one scale per row");
+        let (h, inter) = (gate.cols, gate.rows);
+        assert!(
+            up.rows == inter && up.cols == h && down.rows == h && down.cols == inter,
+            "expert_ffn: shapes disagree"
+        );
+        let max_row = *rows.iter().max().unwrap() as usize;
+        assert!(x.len() >= (max_row + 1) * h && acc.len() >= (max_row + 1) * h, "expert_ffn: row out of range");
+        let idx = self.upload_u32(rows)?;
+        let sc = self.upload(scales)?;
+        let (h_i, n_i) = (i32_of(h, "hidden"), i32_of(n, "rows"));
+        let row_cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+
+        let mut xs = self.zeros(n * h)?;
+        let mut b = self.stream.launch_builder(self.f("gather_rows"));
+        b.arg(x).arg(&idx).arg(&h_i).arg(&n_i).arg(&mut xs);
+        unsafe { b.launch(row_cfg) }.what("launching gather_rows")?;
+
+        let (mut g, mut u, mut y) = (self.zeros(n * inter)?, self.zeros(n * inter)?, self.zeros(n * h)?);
+        self.matmul(gate, &xs, n, &mut g)?;
+        self.matmul(up, &xs, n, &mut u)?;
+        let len = (n * inter) as u64;
+        let mut b = self.stream.launch_builder(self.f("swiglu"));
+        b.arg(&mut g).arg(&u).arg(&len);
+        unsafe { b.launch(grid_1d(n * inter, 256)) }.what("launching swiglu")?;
+        self.matmul(down, &g, n, &mut y)?;
+
+        let mut b = self.stream.launch_builder(self.f("scatter_add"));
+        b.arg(acc).arg(&y).arg(&idx).arg(&sc).arg(&h_i).arg(&n_i);
+        unsafe { b.launch(row_cfg) }.what("launching scatter_add")?;
+        Ok(())
+    }
+}

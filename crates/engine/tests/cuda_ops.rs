@@ -1,0 +1,337 @@
+//! Every CUDA operation against the CPU backend on random inputs (relative error <= 1e-3).
+//!
+//! Without a GPU or CUDA driver each test prints "SKIPPED <test>: no CUDA device" to stderr
+//! and returns; with `FLASH_MOE_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) a missing
+//! device fails the test instead.
+
+use moe_core::format::f32_to_bf16_bits;
+use moe_core::{Bytes, DType, Matrix, WeightFormat};
+use moe_engine::backend::*;
+use moe_engine::cuda_backend::{CudaBackend, CudaError};
+use moe_engine::{Backend, CpuBackend};
+use std::io::Write;
+
+/// The GPU backend, or `None` (after saying so) where the machine has none.
+fn gpu(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            let unavailable = e.downcast_ref::<CudaError>().is_some_and(|c| c.is_unavailable());
+            if unavailable && std::env::var_os("FLASH_MOE_REQUIRE_CUDA").is_none() {
+                // Straight to the stream, past the test harness's capture, so CI logs show it.
+                let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");
+                None
+            } else {
+                panic!("{test}: the CUDA backend failed to open: {e:#}");
+            }
+        }
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_u32(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 32) as u32
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        (self.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f() * scale).collect()
+    }
+}
+
+const FORMATS: [WeightFormat; 6] = [
+    WeightFormat::Float(DType::F32),
+    WeightFormat::Float(DType::F16),
+    WeightFormat::Float(DType::BF16),
+    WeightFormat::Affine { bits: 8, group: 64 },
+    WeightFormat::Affine { bits: 4, group: 64 },
+    WeightFormat::Affine { bits: 2, group: 64 },
+];
+
+/// A random matrix stored in `format` (affine: random codes, scales and biases).
+fn random_matrix(rng: &mut Rng, format: WeightFormat, rows: usize, cols: usize) -> Matrix {
+    match format {
+        WeightFormat::Float(d) => {
+            let vals = rng.vec(rows * cols, 0.5);
+            let bytes: Vec<u8> = match d {
+                DType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                // Random f16 bit patterns: magnitudes 2^-7..1, some subnormals.
+                DType::F16 => (0..vals.len())
+                    .flat_map(|_| {
+                        let r = rng.next_u32();
+                        let exp = if r.is_multiple_of(17) { 0 } else { 8 + (r >> 5) % 7 };
+                        (((r >> 31) << 15 | exp << 10 | (r >> 8) & 0x3ff) as u16).to_le_bytes()
+                    })
+                    .collect(),
+                DType::BF16 => vals.iter().flat_map(|v| f32_to_bf16_bits(*v).to_le_bytes()).collect(),
+            };
+            Matrix::float(d, rows, cols, Bytes::from_vec(bytes))
+        }
+        WeightFormat::Affine { bits, group } => {
+            let words = rows * cols * bits as usize / 32;
+            let data: Vec<u8> = (0..words).flat_map(|_| rng.next_u32().to_le_bytes()).collect();
+            let groups = rows * cols / group;
+            let levels = ((1u32 << bits) - 1) as f32;
+            let scales: Vec<u8> =
+                (0..groups).flat_map(|_| f32_to_bf16_bits((0.2 + rng.f().abs()) / levels).to_le_bytes()).collect();
+            let biases: Vec<u8> =
+                (0..groups).flat_map(|_| f32_to_bf16_bits(-0.1 + 0.05 * rng.f()).to_le_bytes()).collect();
+            Matrix {
+                format,
+                rows,
+                cols,
+                data: Bytes::from_vec(data),
+                scales: Bytes::from_vec(scales),
+                biases: Bytes::from_vec(biases),
+            }
+        }
+    }
+}
+
+/// Largest absolute difference relative to the reference's largest magnitude, and the
+/// relative L2 error.
+fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+    let max = got.iter().zip(want).fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().max(1e-30);
+    (max / scale, (num / den).sqrt())
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let (max_rel, l2) = errors(got, want);
+    println!("{what}: max error {max_rel:.2e} (relative to max |ref|), relative L2 {l2:.2e}");
+    assert!(max_rel <= tol && l2 <= tol, "{what}: max error {max_rel:.3e}, relative L2 {l2:.3e} > {tol:e}");
+}
+
+const TOL: f64 = 1e-3;
+
+#[test]
+fn cuda_matmul_every_format() {
+    let Some(g) = gpu("cuda_matmul_every_format") else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(1);
+    // (rows, cols): aligned shapes take the vectorised path, odd float shapes the scalar one.
+    let shapes = [(130usize, 256usize), (1000, 512), (7, 64), (33, 22), (5, 3)];
+    for format in FORMATS {
+        for &(rows, cols) in &shapes {
+            if matches!(format, WeightFormat::Affine { .. }) && cols % 64 != 0 {
+                continue;
+            }
+            let m = random_matrix(&mut rng, format, rows, cols);
+            let (wc, wg) = (cpu.weight(&m).unwrap(), g.weight(&m).unwrap());
+            for tokens in [1usize, 3, 8, 9, 70] {
+                let x = rng.vec(tokens * cols, 1.0);
+                let mut oc = cpu.zeros(tokens * rows);
+                cpu.matmul(&wc, &x, tokens, &mut oc);
+                let mut og = g.zeros(tokens * rows);
+                g.matmul(&wg, &g.tensor(&x), tokens, &mut og);
+                let what = format!("matmul {} {rows}x{cols} tokens {tokens}", format.name());
+                assert_close(&what, &g.read(&og, tokens * rows), &oc, TOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_embed_every_format() {
+    let Some(g) = gpu("cuda_embed_every_format") else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(2);
+    for format in FORMATS {
+        let (rows, cols) = (50, 128);
+        let m = random_matrix(&mut rng, format, rows, cols);
+        let tokens = [0u32, 49, 7, 7, 23];
+        let mut oc = cpu.zeros(tokens.len() * cols);
+        cpu.embed(&cpu.weight(&m).unwrap(), &tokens, &mut oc);
+        let mut og = g.zeros(tokens.len() * cols);
+        g.embed(&g.weight(&m).unwrap(), &tokens, &mut og);
+        let got = g.read(&og, tokens.len() * cols);
+        assert_eq!(got, oc, "embed {} is not exact", format.name());
+    }
+}
+
+#[test]
+fn cuda_rms_norm_add_select() {
+    let Some(g) = gpu("cuda_rms_norm_add_select") else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(3);
+    for (width, rows, offset) in [(64usize, 5usize, 1.0f32), (4096, 3, 0.0), (17, 9, 1.0)] {
+        let x = rng.vec(rows * width, 2.0);
+        let w = rng.vec(width, 0.3);
+        let mut oc = cpu.zeros(rows * width);
+        cpu.rms_norm(&x, &w, offset, 1e-6, rows, &mut oc);
+        let mut og = g.zeros(rows * width);
+        g.rms_norm(&g.tensor(&x), &g.tensor(&w), offset, 1e-6, rows, &mut og);
+        assert_close(&format!("rms_norm width {width} offset {offset}"), &g.read(&og, rows * width), &oc, TOL);
+    }
+
+    let (a, b) = (rng.vec(1001, 1.0), rng.vec(1001, 1.0));
+    let mut ac = a.clone();
+    cpu.add(&mut ac, &b, 1000);
+    let mut ag = g.tensor(&a);
+    g.add(&mut ag, &g.tensor(&b), 1000);
+    assert_eq!(g.read(&ag, 1001), ac, "add");
+
+    let (width, tokens) = (40, 6);
+    let x = rng.vec(width * tokens, 1.0);
+    let cols: Vec<u32> = (0..25).map(|i| (i * 7 % width) as u32).collect();
+    let mut oc = cpu.zeros(tokens * cols.len());
+    cpu.select_columns(&x, width, &cols, tokens, &mut oc);
+    let mut og = g.zeros(tokens * cols.len());
+    g.select_columns(&g.tensor(&x), width, &cols, tokens, &mut og);
+    assert_eq!(g.read(&og, tokens * cols.len()), oc, "select_columns");
+}
+
+/// Runs the same attention calls (chunks of new tokens) on both backends and compares the
+/// outputs and the caches after each call.
+fn attention_case(g: &CudaBackend, s: AttentionShape, chunks: &[usize], seed: u64) {
+    let cpu = CpuBackend;
+    let mut rng = Rng(seed);
+    let total: usize = chunks.iter().sum();
+    let (qw, kvw, ow) = (s.q_width(), s.kv_width(), s.out_width());
+    let cap = total + 3;
+    let (qn, kn) = (rng.vec(s.head_dim, 0.3), rng.vec(s.head_dim, 0.3));
+    let mut cc = KvCache::<CpuBackend> { k: cpu.zeros(cap * kvw), v: cpu.zeros(cap * kvw), capacity: cap };
+    let mut cg = KvCache::<CudaBackend> { k: g.zeros(cap * kvw), v: g.zeros(cap * kvw), capacity: cap };
+    let (qng, kng) = (g.tensor(&qn), g.tensor(&kn));
+    let mut past = 0;
+    for &n in chunks {
+        let (q, k, v) = (rng.vec(n * qw, 2.0), rng.vec(n * kvw, 2.0), rng.vec(n * kvw, 1.0));
+        let mut oc = cpu.zeros(n * ow);
+        cpu.attention(&s, &qn, &kn, &q, &k, &v, &mut cc, past, n, &mut oc);
+        let mut og = g.zeros(n * ow);
+        g.attention(&s, &qng, &kng, &g.tensor(&q), &g.tensor(&k), &g.tensor(&v), &mut cg, past, n, &mut og);
+        let what = format!(
+            "attention hd {} rot {} heads {}/{} gated {} past {past} tokens {n}",
+            s.head_dim, s.rotary_dim, s.heads, s.kv_heads, s.gated
+        );
+        assert_close(&what, &g.read(&og, n * ow), &oc, TOL);
+        past += n;
+        assert_close(&format!("{what}: key cache"), &g.read(&cg.k, past * kvw), &cc.k[..past * kvw], TOL);
+        assert_eq!(g.read(&cg.v, past * kvw), cc.v[..past * kvw], "{what}: value cache");
+    }
+}
+
+#[test]
+fn cuda_attention() {
+    let Some(g) = gpu("cuda_attention") else { return };
+    let shape = |heads, kv_heads, head_dim, rotary_dim, gated, norm_offset| AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+        rotary_dim,
+        rope_theta: 10_000_000.0,
+        gated,
+        norm_offset,
+        eps: 1e-6,
+    };
+    // The fixtures' shapes: Qwen3.5 (gated, partial rotary, 1 + w norms) and Qwen3 (plain).
+    attention_case(&g, shape(4, 2, 32, 8, true, 1.0), &[5, 1, 1, 4, 1], 10);
+    attention_case(&g, shape(4, 2, 16, 16, false, 0.0), &[7, 1, 3], 11);
+    // Real head sizes, a long prefill that spreads positions over all warps, then decode.
+    attention_case(&g, shape(16, 2, 256, 64, true, 1.0), &[150, 1, 1], 12);
+    attention_case(&g, shape(8, 4, 128, 128, false, 0.0), &[300, 2], 13);
+}
+
+fn delta_case(g: &CudaBackend, s: DeltaNetShape, chunks: &[usize], seed: u64) {
+    let cpu = CpuBackend;
+    let mut rng = Rng(seed);
+    let (cw, vw, nv, kk) = (s.conv_width(), s.value_width(), s.v_heads, s.conv_kernel);
+    let conv = rng.vec(cw * kk, 0.5);
+    let a_log: Vec<f32> = (0..nv).map(|_| rng.f() * 0.5).collect();
+    let dt_bias = rng.vec(nv, 0.5);
+    let norm = rng.vec(s.v_dim, 1.0);
+    let (convg, alg, dtg, normg) = (g.tensor(&conv), g.tensor(&a_log), g.tensor(&dt_bias), g.tensor(&norm));
+    let init_conv = rng.vec((kk - 1) * cw, 1.0);
+    let init_ssm = rng.vec(s.state_len(), 0.1);
+    let mut sc = DeltaNetState::<CpuBackend> { conv: init_conv.clone(), ssm: init_ssm.clone() };
+    let mut sg = DeltaNetState::<CudaBackend> { conv: g.tensor(&init_conv), ssm: g.tensor(&init_ssm) };
+    for &n in chunks {
+        let (qkv, z, b, a) = (rng.vec(n * cw, 1.5), rng.vec(n * vw, 2.0), rng.vec(n * nv, 2.0), rng.vec(n * nv, 2.0));
+        let pc = DeltaNetParams::<CpuBackend> { conv: &conv, a_log: &a_log, dt_bias: &dt_bias, norm: &norm };
+        let ic = DeltaNetInputs::<CpuBackend> { qkv: &qkv, z: &z, b: &b, a: &a };
+        let mut oc = cpu.zeros(n * vw);
+        cpu.delta_net(&s, &pc, &ic, &mut sc, n, &mut oc);
+        let pg = DeltaNetParams::<CudaBackend> { conv: &convg, a_log: &alg, dt_bias: &dtg, norm: &normg };
+        let (qkvg, zg, bg, ag) = (g.tensor(&qkv), g.tensor(&z), g.tensor(&b), g.tensor(&a));
+        let ig = DeltaNetInputs::<CudaBackend> { qkv: &qkvg, z: &zg, b: &bg, a: &ag };
+        let mut og = g.zeros(n * vw);
+        g.delta_net(&s, &pg, &ig, &mut sg, n, &mut og);
+        let what = format!("delta_net k {}x{} v {}x{} tokens {n}", s.k_heads, s.k_dim, s.v_heads, s.v_dim);
+        assert_close(&what, &g.read(&og, n * vw), &oc, TOL);
+        assert_close(&format!("{what}: state"), &g.read(&sg.ssm, s.state_len()), &sc.ssm, TOL);
+        assert_close(&format!("{what}: conv state"), &g.read(&sg.conv, (kk - 1) * cw), &sc.conv, TOL);
+    }
+}
+
+#[test]
+fn cuda_delta_net() {
+    let Some(g) = gpu("cuda_delta_net") else { return };
+    let shape = |k_heads, v_heads, k_dim, v_dim, conv_kernel| DeltaNetShape {
+        k_heads,
+        v_heads,
+        k_dim,
+        v_dim,
+        conv_kernel,
+        eps: 1e-6,
+    };
+    // The fixtures' shape, then real sizes (Qwen3.5: 128-dim heads, twice as many value heads).
+    delta_case(&g, shape(2, 4, 16, 16, 4), &[7, 1, 1, 3], 20);
+    delta_case(&g, shape(2, 4, 128, 128, 4), &[20, 1, 2], 21);
+    delta_case(&g, shape(1, 1, 40, 72, 2), &[5, 1], 22);
+}
+
+#[test]
+fn cuda_expert_ffn() {
+    let Some(g) = gpu("cuda_expert_ffn") else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(30);
+    for format in [
+        WeightFormat::Float(DType::BF16),
+        WeightFormat::Affine { bits: 4, group: 64 },
+        WeightFormat::Affine { bits: 2, group: 64 },
+    ] {
+        let (h, inter) = (128, 64);
+        let (gate, up, down) = (
+            random_matrix(&mut rng, format, inter, h),
+            random_matrix(&mut rng, format, inter, h),
+            random_matrix(&mut rng, format, h, inter),
+        );
+        let (gc, uc, dc) = (cpu.weight(&gate).unwrap(), cpu.weight(&up).unwrap(), cpu.weight(&down).unwrap());
+        let (gg, ug, dg) = (g.weight(&gate).unwrap(), g.weight(&up).unwrap(), g.weight(&down).unwrap());
+        for (tokens, rows) in [(1usize, vec![0u32]), (6, vec![0, 3, 4]), (20, (0..20).rev().collect::<Vec<u32>>())] {
+            let x = rng.vec(tokens * h, 1.0);
+            let acc0 = rng.vec(tokens * h, 1.0);
+            let scales: Vec<f32> = rows.iter().map(|_| rng.f().abs()).collect();
+            let mut ac = acc0.clone();
+            cpu.expert_ffn(&gc, &uc, &dc, &x, &rows, &scales, &mut ac);
+            let mut ag = g.tensor(&acc0);
+            g.expert_ffn(&gg, &ug, &dg, &g.tensor(&x), &rows, &scales, &mut ag);
+            let what = format!("expert_ffn {} tokens {tokens} rows {}", format.name(), rows.len());
+            assert_close(&what, &g.read(&ag, tokens * h), &ac, TOL);
+        }
+    }
+}
+
+#[test]
+fn cuda_buffers_and_errors() {
+    let Some(g) = gpu("cuda_buffers_and_errors") else { return };
+    let t = g.tensor(&[1.0, 2.0, 3.0]);
+    assert_eq!(g.read(&t, 2), vec![1.0, 2.0]);
+    let r = g.resized(&t, 2, 5);
+    assert_eq!(g.read(&r, 5), vec![1.0, 2.0, 0.0, 0.0, 0.0]);
+    assert_eq!(g.read(&g.zeros(0), 0), Vec::<f32>::new());
+    let empty = g.resized(&g.zeros(0), 0, 4);
+    assert_eq!(g.read(&empty, 4), vec![0.0; 4]);
+    let err = CudaBackend::new(999).err().expect("ordinal 999 opened");
+    assert!(err.to_string().contains("no GPU with ordinal 999"), "{err}");
+    println!("{}", g.name());
+}
