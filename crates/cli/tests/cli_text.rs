@@ -74,7 +74,7 @@ fn prompt_from_standard_input() {
 fn prompt_tokens(stats_line: &str) -> (usize, usize) {
     let num_before = |needle: &str| -> usize {
         let at = stats_line.find(needle).unwrap();
-        stats_line[..at].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last().unwrap().parse().unwrap()
+        stats_line[..at].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty()).unwrap().parse().unwrap()
     };
     (num_before(" prompt tokens"), num_before(" generated"))
 }
@@ -117,7 +117,9 @@ fn empty_prompt_is_a_clear_error() {
 fn prompt_longer_than_the_context() {
     let dir = tempfile::tempdir().unwrap();
     let m = demo_copy(dir.path());
-    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap().replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 8");
+    let cfg = std::fs::read_to_string(m.join("config.json"))
+        .unwrap()
+        .replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 8");
     std::fs::write(m.join("config.json"), cfg).unwrap();
     let long = "And it came to pass in those days, that there went out a decree";
     fails_with(&["generate", "--model", m.to_str().unwrap(), "--prompt", long], None, &["context"]);

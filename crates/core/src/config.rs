@@ -93,7 +93,8 @@ impl ModelConfig {
         let model_type = root.get("model_type").and_then(Value::as_str).ok_or(ConfigError::NoModelType)?;
         let (family, c) = match model_type {
             "qwen3_5_moe" => {
-                let text = root.get("text_config").and_then(Value::as_object).ok_or(ConfigError::Missing("text_config"))?;
+                let text =
+                    root.get("text_config").and_then(Value::as_object).ok_or(ConfigError::Missing("text_config"))?;
                 (Family::Qwen35Moe, text)
             }
             "qwen3_5_moe_text" => (Family::Qwen35Moe, root),
@@ -149,10 +150,16 @@ impl ModelConfig {
         if let Some(Value::Array(dense)) = c.get("mlp_only_layers")
             && !dense.is_empty()
         {
-            return Err(ConfigError::Invalid { field: "mlp_only_layers", why: "dense MLP layers are not supported".into() });
+            return Err(ConfigError::Invalid {
+                field: "mlp_only_layers",
+                why: "dense MLP layers are not supported".into(),
+            });
         }
         if f.opt_usize("decoder_sparse_step")?.unwrap_or(1) != 1 {
-            return Err(ConfigError::Invalid { field: "decoder_sparse_step", why: "only 1 (every layer MoE) is supported".into() });
+            return Err(ConfigError::Invalid {
+                field: "decoder_sparse_step",
+                why: "only 1 (every layer MoE) is supported".into(),
+            });
         }
 
         let hybrid = family != Family::Qwen3Moe;
@@ -174,7 +181,10 @@ impl ModelConfig {
             delta_v_dim: if hybrid { f.usize("linear_value_head_dim")? } else { 0 },
             conv_kernel: if hybrid { f.opt_usize("linear_conv_kernel_dim")?.unwrap_or(4) } else { 0 },
             // Qwen3MoeConfig writes `num_local_experts`; `num_experts` is its alias.
-            experts: f.opt_usize("num_experts")?.or(f.opt_usize("num_local_experts")?).ok_or(ConfigError::Missing("num_experts"))?,
+            experts: f
+                .opt_usize("num_experts")?
+                .or(f.opt_usize("num_local_experts")?)
+                .ok_or(ConfigError::Missing("num_experts"))?,
             top_k: f.usize("num_experts_per_tok")?,
             expert_inter: f.usize("moe_intermediate_size")?,
             shared_inter: if hybrid { Some(f.usize("shared_expert_intermediate_size")?) } else { None },
@@ -191,18 +201,27 @@ impl ModelConfig {
         if self.hidden == 0 || self.vocab == 0 || self.layers.is_empty() {
             return bad("hidden_size", "hidden size, vocabulary and layer count must be positive".into());
         }
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
-            return bad("num_key_value_heads", format!("{} heads are not a multiple of {} KV heads", self.heads, self.kv_heads));
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(
+                "num_key_value_heads",
+                format!("{} heads are not a multiple of {} KV heads", self.heads, self.kv_heads),
+            );
         }
-        if self.rotary_dim % 2 != 0 || self.rotary_dim > self.head_dim {
-            return bad("partial_rotary_factor", format!("rotary width {} for head dim {}", self.rotary_dim, self.head_dim));
+        if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
+            return bad(
+                "partial_rotary_factor",
+                format!("rotary width {} for head dim {}", self.rotary_dim, self.head_dim),
+            );
         }
         if self.top_k == 0 || self.top_k > self.experts {
             return bad("num_experts_per_tok", format!("top-k {} with {} experts", self.top_k, self.experts));
         }
         if self.layers.contains(&LayerKind::DeltaNet) {
-            if self.delta_k_heads == 0 || self.delta_v_heads % self.delta_k_heads != 0 {
-                return bad("linear_num_value_heads", format!("{} value heads for {} key heads", self.delta_v_heads, self.delta_k_heads));
+            if self.delta_k_heads == 0 || !self.delta_v_heads.is_multiple_of(self.delta_k_heads) {
+                return bad(
+                    "linear_num_value_heads",
+                    format!("{} value heads for {} key heads", self.delta_v_heads, self.delta_k_heads),
+                );
             }
             if self.conv_kernel < 1 {
                 return bad("linear_conv_kernel_dim", "must be at least 1".into());
@@ -214,7 +233,10 @@ impl ModelConfig {
     /// Overrides the number of routed experts per token (`--experts-per-token`).
     pub fn with_top_k(mut self, k: usize) -> Result<Self, ConfigError> {
         if k == 0 || k > self.experts {
-            return Err(ConfigError::Invalid { field: "experts-per-token", why: format!("{k} is not in 1..={}", self.experts) });
+            return Err(ConfigError::Invalid {
+                field: "experts-per-token",
+                why: format!("{k} is not in 1..={}", self.experts),
+            });
         }
         self.top_k = k;
         Ok(self)
@@ -257,7 +279,10 @@ impl Fields<'_> {
     fn opt_f64(&self, key: &'static str) -> Result<Option<f64>, ConfigError> {
         match self.c.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or(ConfigError::Invalid { field: key, why: format!("expected a number, found {v}") }),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or(ConfigError::Invalid { field: key, why: format!("expected a number, found {v}") }),
         }
     }
     /// A flag read from the text config, falling back to the multimodal wrapper.

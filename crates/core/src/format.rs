@@ -74,7 +74,10 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
 pub enum WeightFormat {
     Float(DType),
     /// MLX affine quantisation with `bits` in {2, 4, 8} and bf16 scales and biases.
-    Affine { bits: u32, group: usize },
+    Affine {
+        bits: u32,
+        group: usize,
+    },
 }
 
 impl WeightFormat {
@@ -164,11 +167,12 @@ impl Matrix {
                     let si = (r * groups + g) * 2;
                     let scale = bf16_bits_to_f32(u16::from_le_bytes([self.scales[si], self.scales[si + 1]]));
                     let bias = bf16_bits_to_f32(u16::from_le_bytes([self.biases[si], self.biases[si + 1]]));
-                    for i in g * group..(g + 1) * group {
+                    for (i, o) in out.iter_mut().enumerate().take((g + 1) * group).skip(g * group) {
                         let w = i / per_word;
-                        let word = u32::from_le_bytes([codes[4 * w], codes[4 * w + 1], codes[4 * w + 2], codes[4 * w + 3]]);
+                        let word =
+                            u32::from_le_bytes([codes[4 * w], codes[4 * w + 1], codes[4 * w + 2], codes[4 * w + 3]]);
                         let code = (word >> (bits as usize * (i % per_word))) & mask;
-                        out[i] = scale * code as f32 + bias;
+                        *o = scale * code as f32 + bias;
                     }
                 }
             }
@@ -198,7 +202,7 @@ mod tests {
     #[test]
     fn affine_row_follows_the_formula() {
         // One row of 64 4-bit codes 0,1,..,15,0,1,.. with scale 0.5 and bias -1.
-        let mut words = vec![0u32; 8];
+        let mut words = [0u32; 8];
         for i in 0..64 {
             words[i / 8] |= ((i % 16) as u32) << (4 * (i % 8));
         }

@@ -155,6 +155,7 @@ pub trait Backend: Send + Sync {
 
     /// One SwiGLU expert on selected rows of `x` (`[*, hidden]`):
     /// `acc[rows[i]] += scales[i] * down(silu(gate x) * up x)`.
+    #[allow(clippy::too_many_arguments)]
     fn expert_ffn(
         &self,
         gate: &Self::Weight,

@@ -46,7 +46,8 @@ fn demo_model_matches_its_transformers_reference() {
         let row = &logits[i * vocab..(i + 1) * vocab];
         assert_eq!(moe_core::sample::argmax(row) as u64, top[0].as_u64().unwrap(), "top-1 at position {i}");
     }
-    let last: Vec<f32> = reference["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let last: Vec<f32> =
+        reference["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let got = &logits[(ids.len() - 1) * vocab..];
     let num: f32 = got.iter().zip(&last).map(|(a, b)| (a - b) * (a - b)).sum();
     let den: f32 = last.iter().map(|b| b * b).sum();

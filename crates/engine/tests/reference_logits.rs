@@ -21,7 +21,13 @@ fn reference(name: &str) -> Reference {
     let f32s = |n: &str| -> Vec<f32> {
         st.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     };
-    let ids = st.tensor("input_ids").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+    let ids = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
     Reference { ids, logits: f32s("logits"), hidden: f32s("hidden_states") }
 }
 
