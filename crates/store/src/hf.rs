@@ -7,11 +7,13 @@
 //! the multi-token-prediction head (`mtp.*`) are ignored. Routed experts are validated for every
 //! layer at open time, in either the per-expert layout
 //! (`layers.N.mlp.experts.E.{gate,up,down}_proj.weight`) or the fused one
-//! (`layers.N.mlp.experts.gate_up_proj` `[E, 2I, H]` + `layers.N.mlp.experts.down_proj` `[E, H, I]`).
+//! (`layers.N.mlp.experts.gate_up_proj` `[E, 2I, H]` + `layers.N.mlp.experts.down_proj` `[E, H, I]`),
+//! and read through the expert store by their offsets in the shards (buffered `pread`, not the map).
 
+use crate::layout::HfLayout;
 use crate::safetensors_file::{Entry, SafetensorsFile};
-use crate::{Expert, ExpertSource, ModelFiles, StoreError, Tensor, TensorSource};
-use moe_core::{Matrix, ModelConfig};
+use crate::{ExpertStore, ModelFiles, StoreError, StoreOptions, Tensor, TensorSource};
+use moe_core::ModelConfig;
 use serde_json::Value;
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -21,8 +23,14 @@ use std::sync::Arc;
 
 const INDEX: &str = "model.safetensors.index.json";
 
-/// Opens an unconverted Hugging Face model directory.
+/// Opens an unconverted Hugging Face model directory (expert store with default options).
 pub fn open_hf(dir: &Path) -> Result<ModelFiles, StoreError> {
+    open_hf_with(dir, &StoreOptions::default())
+}
+
+/// Opens an unconverted Hugging Face model directory; its routed experts are read from the shards
+/// by offset through an [`ExpertStore`] set up by `opts`.
+pub fn open_hf_with(dir: &Path, opts: &StoreOptions) -> Result<ModelFiles, StoreError> {
     if !dir.is_dir() {
         return Err(StoreError::Io {
             path: dir.to_path_buf(),
@@ -31,7 +39,8 @@ pub fn open_hf(dir: &Path) -> Result<ModelFiles, StoreError> {
     }
     let config = read_config(dir)?;
     let tensors = HfTensors::open(dir)?;
-    let experts = HfExperts::new(&tensors, &config)?;
+    let layout = HfLayout::new(dir, &tensors, &config)?;
+    let experts = ExpertStore::new(Box::new(layout), opts, tensors.dense_bytes() as u64)?;
     Ok(ModelFiles { dir: dir.to_path_buf(), config, tensors: Arc::new(tensors), experts: Arc::new(experts) })
 }
 
@@ -237,108 +246,6 @@ fn list_safetensors(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
     }
     paths.sort();
     Ok(paths)
-}
-
-/// The routed experts of one layer, validated.
-enum Layer {
-    /// `gate_up` is `[E, 2I, H]`, `down` is `[E, H, I]`.
-    Fused {
-        gate_up: Tensor,
-        down: Tensor,
-    },
-    PerExpert(Vec<Expert>),
-}
-
-/// Routed experts read in place from the shards' memory maps.
-pub(crate) struct HfExperts {
-    dir: PathBuf,
-    experts: usize,
-    hidden: usize,
-    inter: usize,
-    layers: Vec<Layer>,
-    expert_bytes: usize,
-    total_bytes: usize,
-}
-
-impl HfExperts {
-    /// Finds and checks the experts of every layer (all layers of the supported families are MoE).
-    pub fn new(tensors: &HfTensors, config: &ModelConfig) -> Result<Self, StoreError> {
-        let (n, h, i) = (config.experts, config.hidden, config.expert_inter);
-        let mut layers = Vec::with_capacity(config.layers.len());
-        let (mut expert_bytes, mut total_bytes) = (0, 0);
-        for l in 0..config.layers.len() {
-            let prefix = format!("layers.{l}.mlp.experts.");
-            let fused = |part: &str| format!("{prefix}{part}");
-            let layer = if tensors.contains(&fused("gate_up_proj")) || tensors.contains(&fused("down_proj")) {
-                let gate_up = tensors.tensor(&fused("gate_up_proj"))?;
-                gate_up.expect_shape(&[n, 2 * i, h])?;
-                let down = tensors.tensor(&fused("down_proj"))?;
-                down.expect_shape(&[n, h, i])?;
-                let one = (gate_up.data.len() + down.data.len()) / n.max(1);
-                expert_bytes = expert_bytes.max(one);
-                total_bytes += gate_up.data.len() + down.data.len();
-                Layer::Fused { gate_up, down }
-            } else {
-                let matrix = |e: usize, proj: &str, rows, cols| {
-                    tensors.tensor(&format!("{prefix}{e}.{proj}.weight"))?.matrix(rows, cols)
-                };
-                let experts = (0..n)
-                    .map(|e| {
-                        Ok(Expert {
-                            gate: matrix(e, "gate_proj", i, h)?,
-                            up: matrix(e, "up_proj", i, h)?,
-                            down: matrix(e, "down_proj", h, i)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, StoreError>>()?;
-                for e in &experts {
-                    expert_bytes = expert_bytes.max(e.byte_len());
-                    total_bytes += e.byte_len();
-                }
-                Layer::PerExpert(experts)
-            };
-            layers.push(layer);
-        }
-        Ok(HfExperts { dir: tensors.dir.clone(), experts: n, hidden: h, inter: i, layers, expert_bytes, total_bytes })
-    }
-}
-
-impl ExpertSource for HfExperts {
-    fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError> {
-        let out_of_range = || StoreError::MissingTensor {
-            tensor: format!(
-                "layers.{layer}.mlp.experts.{expert} (the model has {} layers of {} experts)",
-                self.layers.len(),
-                self.experts
-            ),
-            dir: self.dir.clone(),
-        };
-        if expert >= self.experts {
-            return Err(out_of_range());
-        }
-        match self.layers.get(layer).ok_or_else(out_of_range)? {
-            Layer::PerExpert(experts) => Ok(experts[expert].clone()),
-            Layer::Fused { gate_up, down } => {
-                let (h, i) = (self.hidden, self.inter);
-                let half = i * h * gate_up.dtype.size();
-                let slab = gate_up.data.slice(2 * half * expert..2 * half * (expert + 1));
-                let down_len = h * i * down.dtype.size();
-                Ok(Expert {
-                    gate: Matrix::float(gate_up.dtype, i, h, slab.slice(0..half)),
-                    up: Matrix::float(gate_up.dtype, i, h, slab.slice(half..2 * half)),
-                    down: Matrix::float(down.dtype, h, i, down.data.slice(down_len * expert..down_len * (expert + 1))),
-                })
-            }
-        }
-    }
-
-    fn expert_bytes(&self) -> usize {
-        self.expert_bytes
-    }
-
-    fn total_bytes(&self) -> usize {
-        self.total_bytes
-    }
 }
 
 #[cfg(test)]

@@ -5,20 +5,33 @@
 //! by canonical name, and [`ExpertSource`] for routed experts, fetched one expert at a time so that
 //! a streaming store can stand behind it.
 
+mod cache;
 mod error;
+mod expert_store;
 mod hf;
+mod layout;
 pub mod manifest;
 mod mlx;
+mod options;
 mod packed;
+mod reader;
 mod safetensors_file;
 mod synth;
 
 pub use error::StoreError;
-pub use hf::open_hf;
+pub use expert_store::{ExpertStore, StoreStats};
+pub use hf::{open_hf, open_hf_with};
+pub use layout::{DIRECT_ALIGN, ExpertLayout, Extent, ReadPlan};
 pub use mlx::{is_mlx_dir, open_mlx};
-pub use packed::{
-    DENSE_FILE, DenseFormat, ExpertFormat, MANIFEST_FILE, expert_file_name, open_packed, verify_packed, write_packed,
+pub use options::{
+    Budget, DEFAULT_IO_THREADS, Eviction, OS_RESERVE, StoreOptions, auto_ram_budget, format_bytes, mem_available,
+    parse_bytes,
 };
+pub use packed::{
+    DENSE_FILE, DenseFormat, ExpertFormat, MANIFEST_FILE, expert_file_name, open_packed, open_packed_with,
+    verify_packed, write_packed,
+};
+pub use reader::AlignedBuf;
 pub use synth::{SynthShape, write_synthetic};
 
 use moe_core::{Bytes, DType, Matrix, ModelConfig, WeightFormat};
@@ -103,8 +116,19 @@ impl Expert {
 /// Routed experts, fetched per use. Implementations must be safe to call from many threads.
 pub trait ExpertSource: Send + Sync {
     fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError>;
+    /// Several experts of one layer, in the order of `ids`. A store reads the misses in parallel.
+    fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<Expert>, StoreError> {
+        ids.iter().map(|&e| self.expert(layer, e)).collect()
+    }
     /// Starts fetching experts that `expert` will be asked for soon; a hint, free to ignore.
+    /// Never blocks on I/O.
     fn prefetch(&self, _layer: usize, _experts: &[usize]) {}
+    /// A snapshot of the source's counters (zeros for sources that keep none).
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+    /// Zeroes the counters of [`stats`](Self::stats) (what is resident stays).
+    fn reset_stats(&self) {}
     /// Bytes one expert occupies (what one fetch reads).
     fn expert_bytes(&self) -> usize;
     /// Bytes of all routed experts of the model.
@@ -123,12 +147,20 @@ pub struct ModelFiles {
 /// model, one with MLX quantisation or MLX tensor names an MLX one ([`is_mlx_dir`]), anything
 /// else a Hugging Face one. Formats flash-moe can't read (GGUF files, Hugging Face checkpoints
 /// quantised with a `quant_method`) are refused with an error saying so.
+///
+/// Packed and Hugging Face experts are read through an [`ExpertStore`] with the default
+/// [`StoreOptions`]; see [`open_with`].
 pub fn open(dir: &Path) -> Result<ModelFiles, StoreError> {
+    open_with(dir, &StoreOptions::default())
+}
+
+/// [`open`] with the expert store set up by `opts`.
+pub fn open_with(dir: &Path, opts: &StoreOptions) -> Result<ModelFiles, StoreError> {
     if dir.join(MANIFEST_FILE).is_file() {
-        return open_packed(dir);
+        return open_packed_with(dir, opts);
     }
     unsupported_format(dir)?;
-    if is_mlx_dir(dir) { open_mlx(dir) } else { open_hf(dir) }
+    if is_mlx_dir(dir) { open_mlx(dir) } else { open_hf_with(dir, opts) }
 }
 
 /// An error for directories of a format flash-moe does not read.

@@ -13,11 +13,12 @@
 //! tensor and expert by expert into `OUT.tmp-<pid>` and renaming it to `OUT` only when everything
 //! is written and synced. [`open_packed`] reads it back, [`verify_packed`] re-hashes it.
 
+use crate::layout::PackedLayout;
 use crate::manifest::{
     CHECKSUM, Component, DenseSection, DenseTensor, ExpertFile, ExpertSection, FORMAT_NAME, FORMAT_VERSION, FileEntry,
     Manifest, PART_ALIGN, RECORD_ALIGN, Span, TensorFormat, Xxh64, hex64,
 };
-use crate::{Expert, ExpertSource, ModelFiles, StoreError, Tensor, TensorSource};
+use crate::{Expert, ExpertStore, ModelFiles, StoreError, StoreOptions, Tensor, TensorSource};
 use memmap2::Mmap;
 use moe_core::format::f32_to_bf16_bits;
 use moe_core::quant::{code_bytes, quantize, requantize_q2_from_q4, scale_bytes};
@@ -27,7 +28,6 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -796,12 +796,19 @@ fn manifest_config(dir: &Path, m: &Manifest) -> Result<ModelConfig, StoreError> 
 }
 
 /// Opens a packed model directory. Checks the manifest, the dense file's header against it and
-/// every expert file's size; does not hash (see [`verify_packed`]).
+/// every expert file's size; does not hash (see [`verify_packed`]). Experts are read through an
+/// [`ExpertStore`] with the default [`StoreOptions`].
 pub fn open_packed(dir: &Path) -> Result<ModelFiles, StoreError> {
+    open_packed_with(dir, &StoreOptions::default())
+}
+
+/// [`open_packed`] with the expert store set up by `opts`.
+pub fn open_packed_with(dir: &Path, opts: &StoreOptions) -> Result<ModelFiles, StoreError> {
     let m = read_manifest(dir)?;
     let config = manifest_config(dir, &m)?;
     let tensors = PackedTensors::open(dir, &m)?;
-    let experts = PackedExperts::open(dir, &m)?;
+    let layout = PackedLayout::new(dir, &m.experts)?;
+    let experts = ExpertStore::new(Box::new(layout), opts, tensors.dense_bytes() as u64)?;
     Ok(ModelFiles { dir: dir.to_path_buf(), config, tensors: Arc::new(tensors), experts: Arc::new(experts) })
 }
 
@@ -979,105 +986,6 @@ impl TensorSource for PackedTensors {
                 })
             }
         }
-    }
-}
-
-/// Routed experts of a packed directory: one `pread` of one record per call, into an owned buffer.
-struct PackedExperts {
-    dir: PathBuf,
-    files: Vec<(PathBuf, File)>,
-    experts: usize,
-    stride: u64,
-    record_bytes: usize,
-    comps: [Component; 3],
-}
-
-impl PackedExperts {
-    fn open(dir: &Path, m: &Manifest) -> Result<Self, StoreError> {
-        let e = &m.experts;
-        let mut files = Vec::with_capacity(e.files.len());
-        for f in &e.files {
-            let path = dir.join(&f.file.path);
-            let io = |source| StoreError::Io { path: path.clone(), source };
-            let file = File::open(&path).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            if len != f.file.bytes {
-                let what = if len < f.file.bytes { "truncated" } else { "longer than recorded" };
-                return Err(StoreError::Corrupt {
-                    file: path,
-                    why: format!(
-                        "{what}: {len} bytes, expected {} ({} experts x {}-byte records)",
-                        f.file.bytes, e.experts, e.stride
-                    ),
-                });
-            }
-            files.push((path, file));
-        }
-        Ok(PackedExperts {
-            dir: dir.to_path_buf(),
-            files,
-            experts: e.experts,
-            stride: e.stride,
-            record_bytes: e.record_bytes as usize,
-            comps: [e.gate, e.up, e.down],
-        })
-    }
-}
-
-fn component_matrix(c: &Component, record: &Bytes) -> Matrix {
-    let slice = |s: Option<Span>| s.map(|s| record.slice(s.range())).unwrap_or_else(Bytes::empty);
-    Matrix {
-        format: c.format.weight_format(),
-        rows: c.rows,
-        cols: c.cols,
-        data: record.slice(c.data.range()),
-        scales: slice(c.scales),
-        biases: slice(c.biases),
-    }
-}
-
-impl ExpertSource for PackedExperts {
-    fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError> {
-        let Some((path, file)) = self.files.get(layer).filter(|_| expert < self.experts) else {
-            return Err(StoreError::MissingTensor {
-                tensor: format!(
-                    "layers.{layer}.mlp.experts.{expert} (the model has {} layers of {} experts)",
-                    self.files.len(),
-                    self.experts
-                ),
-                dir: self.dir.clone(),
-            });
-        };
-        let mut buf = vec![0u8; self.record_bytes];
-        let at = expert as u64 * self.stride;
-        file.read_exact_at(&mut buf, at).map_err(|source| {
-            if source.kind() == io::ErrorKind::UnexpectedEof {
-                StoreError::Corrupt {
-                    file: path.clone(),
-                    why: format!(
-                        "truncated: expert {expert} of layer {layer} lies at bytes {at}..{}, past the end of the file",
-                        at + self.record_bytes as u64
-                    ),
-                }
-            } else {
-                StoreError::Io { path: path.clone(), source }
-            }
-        })?;
-        let record = Bytes::from_vec(buf);
-        let [g, u, d] = &self.comps;
-        Ok(Expert {
-            gate: component_matrix(g, &record),
-            up: component_matrix(u, &record),
-            down: component_matrix(d, &record),
-        })
-    }
-
-    fn expert_bytes(&self) -> usize {
-        self.record_bytes
-    }
-
-    fn total_bytes(&self) -> usize {
-        self.record_bytes * self.experts * self.files.len()
     }
 }
 
