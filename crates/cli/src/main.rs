@@ -22,6 +22,12 @@ enum Command {
     Chat(commands::chat::Args),
     /// Describe a model directory: family, dimensions, tensors and bytes.
     Inspect(commands::inspect::Args),
+    /// Convert a Hugging Face, MLX or packed model into the packed format (docs/format.md).
+    Convert(commands::convert::Args),
+    /// Re-check every checksum of a packed model.
+    Verify(commands::verify::Args),
+    /// Write a packed model with a real model's shapes and random weights, for benchmarks.
+    Synth(commands::synth::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +37,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+        Command::Verify(a) => commands::verify::run(a),
+        Command::Synth(a) => commands::synth::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

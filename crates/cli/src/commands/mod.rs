@@ -1,8 +1,11 @@
 pub mod chat;
+pub mod convert;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod sampling;
+pub mod synth;
+pub mod verify;
 
 use clap::Args as ClapArgs;
 use moe_engine::generate::GenerateStats;
