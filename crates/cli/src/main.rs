@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "flash-moe", version, about = "Run Mixture-of-Experts models larger than memory, streaming experts from disk")]
+#[command(
+    name = "flash-moe",
+    version,
+    about = "Run Mixture-of-Experts models larger than memory, streaming experts from disk"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,6 +24,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Chat with the model in the terminal; the conversation state is kept across turns.
     Chat(commands::chat::Args),
+    /// Measure decode speed against the machine's disk and memory bandwidth (the roofline).
+    Bench(commands::bench::Args),
     /// Describe a model directory: family, dimensions, tensors and bytes.
     Inspect(commands::inspect::Args),
     /// Convert a Hugging Face, MLX or packed model into the packed format (docs/format.md).
@@ -35,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Logits(a) => commands::logits::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Bench(a) => commands::bench::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Convert(a) => commands::convert::run(a),

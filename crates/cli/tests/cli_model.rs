@@ -40,7 +40,11 @@ fn logits_match_the_reference_through_both_paths() {
     let dir = tempfile::tempdir().unwrap();
     let reference = std::fs::read(fixture("qwen35_moe").join("reference.safetensors")).unwrap();
     let want = f32s(&reference, "logits");
-    let ids: Vec<String> = SafeTensors::deserialize(&reference).unwrap().tensor("input_ids").unwrap().data()
+    let ids: Vec<String> = SafeTensors::deserialize(&reference)
+        .unwrap()
+        .tensor("input_ids")
+        .unwrap()
+        .data()
         .chunks_exact(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()).to_string())
         .collect();
@@ -74,7 +78,10 @@ fn inspect_describes_the_model() {
 #[test]
 fn token_ids_out_of_range() {
     let m = fixture("qwen3_moe");
-    fails_with(&["logits", "--model", m.to_str().unwrap(), "--tokens", "1,512", "--out", "/dev/null"], &["512", "out of range"]);
+    fails_with(
+        &["logits", "--model", m.to_str().unwrap(), "--tokens", "1,512", "--out", "/dev/null"],
+        &["512", "out of range"],
+    );
 }
 
 #[test]
@@ -97,7 +104,9 @@ fn unknown_model_type() {
 fn wrong_config_dimension_is_a_shape_error_naming_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     copy_fixture("qwen3_moe", dir.path());
-    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap().replace("\"moe_intermediate_size\": 32", "\"moe_intermediate_size\": 48");
+    let cfg = std::fs::read_to_string(dir.path().join("config.json"))
+        .unwrap()
+        .replace("\"moe_intermediate_size\": 32", "\"moe_intermediate_size\": 48");
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
     fails_with(
         &["logits", "--model", dir.path().to_str().unwrap(), "--tokens", "1", "--out", "/dev/null"],
@@ -112,7 +121,10 @@ fn truncated_weights() {
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    fails_with(&["logits", "--model", dir.path().to_str().unwrap(), "--tokens", "1", "--out", "/dev/null"], &["model.safetensors", "truncated"]);
+    fails_with(
+        &["logits", "--model", dir.path().to_str().unwrap(), "--tokens", "1", "--out", "/dev/null"],
+        &["model.safetensors", "truncated"],
+    );
 }
 
 #[test]
@@ -120,13 +132,21 @@ fn missing_tensor_is_named() {
     // The tied fixture has no lm_head; claiming it is untied must name the missing tensor.
     let dir = tempfile::tempdir().unwrap();
     copy_fixture("qwen3_moe", dir.path());
-    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap().replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false");
+    let cfg = std::fs::read_to_string(dir.path().join("config.json"))
+        .unwrap()
+        .replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false");
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
-    fails_with(&["logits", "--model", dir.path().to_str().unwrap(), "--tokens", "1", "--out", "/dev/null"], &["lm_head.weight"]);
+    fails_with(
+        &["logits", "--model", dir.path().to_str().unwrap(), "--tokens", "1", "--out", "/dev/null"],
+        &["lm_head.weight"],
+    );
 }
 
 #[test]
 fn experts_per_token_out_of_range() {
     let m = fixture("qwen3_moe");
-    fails_with(&["logits", "--model", m.to_str().unwrap(), "--tokens", "1", "--out", "/dev/null", "--experts-per-token", "9"], &["experts-per-token"]);
+    fails_with(
+        &["logits", "--model", m.to_str().unwrap(), "--tokens", "1", "--out", "/dev/null", "--experts-per-token", "9"],
+        &["experts-per-token"],
+    );
 }

@@ -103,7 +103,8 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 pub fn attend(q: &[f32], keys: &[f32], values: &[f32], n: usize, stride: usize, offset: usize, out: &mut [f32]) {
     let d = q.len();
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores: Vec<f32> = (0..n).map(|j| dot(q, &keys[j * stride + offset..j * stride + offset + d]) * scale).collect();
+    let mut scores: Vec<f32> =
+        (0..n).map(|j| dot(q, &keys[j * stride + offset..j * stride + offset + d]) * scale).collect();
     softmax(&mut scores);
     out.iter_mut().for_each(|o| *o = 0.0);
     for (j, p) in scores.iter().enumerate() {

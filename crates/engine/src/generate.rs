@@ -128,7 +128,10 @@ impl<'m, B: Backend> Conversation<'m, B> {
         }
         let context = self.model.config.max_positions;
         if self.session.position + prompt.len() > context {
-            bail!("the prompt needs {} positions but the context holds {context}", self.session.position + prompt.len());
+            bail!(
+                "the prompt needs {} positions but the context holds {context}",
+                self.session.position + prompt.len()
+            );
         }
         let start = Instant::now();
         let mut logits = self.model.forward(&mut self.session, prompt, false, false)?.logits;
@@ -138,9 +141,14 @@ impl<'m, B: Backend> Conversation<'m, B> {
 
         let mut detok = self.tokenizer.detokenizer(false);
         let mut stops = StopMatcher::new(&params.stop);
-        let mut thinking = self.history.iter().rev().find_map(|&t| self.think.and_then(|(open, close)| {
-            (t == open).then_some(true).or((t == close).then_some(false))
-        })).unwrap_or(false);
+        let mut thinking = self
+            .history
+            .iter()
+            .rev()
+            .find_map(|&t| {
+                self.think.and_then(|(open, close)| (t == open).then_some(true).or((t == close).then_some(false)))
+            })
+            .unwrap_or(false);
         let (mut generated, mut first, decode_start) = (0, Duration::ZERO, Instant::now());
         let stop = loop {
             if generated >= params.max_tokens {

@@ -43,7 +43,13 @@ pub struct Profile {
 
 impl Profile {
     pub fn total(&self) -> Duration {
-        self.attention + self.delta_net + self.router + self.expert_wait + self.experts + self.shared_expert + self.other
+        self.attention
+            + self.delta_net
+            + self.router
+            + self.expert_wait
+            + self.experts
+            + self.shared_expert
+            + self.other
     }
 
     /// The phases and their times, for reports.
@@ -124,7 +130,8 @@ impl<B: Backend> Model<B> {
         let t: &dyn TensorSource = &*files.tensors;
         let (h, offset) = (c.hidden, c.family.norm_offset());
         let weight = |name: &str, rows, cols| -> Result<B::Weight> { backend.weight(&t.matrix(name, rows, cols)?) };
-        let values = |name: &str, shape: &[usize]| -> Result<B::Tensor> { Ok(backend.tensor(&t.tensor(name)?.values(shape)?)) };
+        let values =
+            |name: &str, shape: &[usize]| -> Result<B::Tensor> { Ok(backend.tensor(&t.tensor(name)?.values(shape)?)) };
         let attention = AttentionShape {
             heads: c.heads,
             kv_heads: c.kv_heads,
@@ -282,7 +289,8 @@ impl<B: Backend> Model<B> {
             match (&layer.mixer, state) {
                 (Mixer::Attention { q, k, v, o, q_norm, k_norm }, LayerState::Attention(cache)) => {
                     let s = &self.attention;
-                    let (mut qb, mut kb, mut vb) = (b.zeros(n * s.q_width()), b.zeros(n * s.kv_width()), b.zeros(n * s.kv_width()));
+                    let (mut qb, mut kb, mut vb) =
+                        (b.zeros(n * s.q_width()), b.zeros(n * s.kv_width()), b.zeros(n * s.kv_width()));
                     b.matmul(q, &normed, n, &mut qb);
                     b.matmul(k, &normed, n, &mut kb);
                     b.matmul(v, &normed, n, &mut vb);
@@ -332,7 +340,14 @@ impl<B: Backend> Model<B> {
         cache.capacity = cap;
     }
 
-    fn delta_net(&self, d: &DeltaNetLayer<B>, x: &B::Tensor, state: &mut DeltaNetState<B>, n: usize, out: &mut B::Tensor) {
+    fn delta_net(
+        &self,
+        d: &DeltaNetLayer<B>,
+        x: &B::Tensor,
+        state: &mut DeltaNetState<B>,
+        n: usize,
+        out: &mut B::Tensor,
+    ) {
         let (b, s) = (&self.backend, &self.delta);
         let (cw, vw, nv) = (s.conv_width(), s.value_width(), s.v_heads);
         let (mut qkv, mut z, mut beta, mut a) = (b.zeros(n * cw), b.zeros(n * vw), b.zeros(n * nv), b.zeros(n * nv));

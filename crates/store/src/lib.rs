@@ -14,6 +14,7 @@ pub mod manifest;
 mod mlx;
 mod options;
 mod packed;
+pub mod probe;
 mod reader;
 mod safetensors_file;
 mod synth;

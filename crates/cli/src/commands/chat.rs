@@ -5,6 +5,7 @@ use moe_core::sample::Sampler;
 use moe_engine::chat_template::Message;
 use moe_engine::generate::Conversation;
 use moe_engine::tokenizer::Tokenizer;
+use moe_engine::{Backend, Model};
 use std::io::{BufRead, IsTerminal, Write};
 
 #[derive(clap::Args)]
@@ -58,7 +59,11 @@ impl Input {
             },
             Input::Plain(stdin) => {
                 let mut l = String::new();
-                Ok(if stdin.read_line(&mut l)? == 0 { None } else { Some(l.trim_end_matches(['\n', '\r']).to_string()) })
+                Ok(if stdin.read_line(&mut l)? == 0 {
+                    None
+                } else {
+                    Some(l.trim_end_matches(['\n', '\r']).to_string())
+                })
             }
         }
     }
@@ -69,11 +74,20 @@ pub fn run(a: Args) -> Result<()> {
     if tokenizer.chat_template_source().is_none() {
         bail!("{} has no chat template (tokenizer_config.json or chat_template.jinja)", a.model.model.display());
     }
-    let model = a.model.load()?;
-    let mut conv = Conversation::new(&model, &tokenizer);
+    super::with_model!(a.model.load()?, m => chat(&a, &m, &tokenizer))
+}
+
+fn chat<B: Backend>(a: &Args, model: &Model<B>, tokenizer: &Tokenizer) -> Result<()> {
+    let mut conv = Conversation::new(model, tokenizer);
     let params = a.sampling.params();
     let mut sampler = Sampler::new(params.sampling.clone());
-    let thinking = if a.think { Some(true) } else if a.no_think { Some(false) } else { None };
+    let thinking = if a.think {
+        Some(true)
+    } else if a.no_think {
+        Some(false)
+    } else {
+        None
+    };
     let mut system = a.system.clone();
     let mut last = None;
     let mut input = Input::open()?;
@@ -97,7 +111,7 @@ pub fn run(a: Args) -> Result<()> {
                     eprintln!("(system prompt set; new conversation)");
                 }
                 "stats" => match &last {
-                    Some(s) => super::print_stats(s, &model),
+                    Some(s) => super::print_stats(s, model),
                     None => eprintln!("(nothing generated yet)"),
                 },
                 "quit" | "exit" => break,
@@ -125,7 +139,7 @@ pub fn run(a: Args) -> Result<()> {
         println!();
         let stats = stats?;
         if a.stats {
-            super::print_stats(&stats, &model);
+            super::print_stats(&stats, model);
         }
         last = Some(stats);
     }

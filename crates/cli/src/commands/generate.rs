@@ -5,6 +5,7 @@ use moe_core::sample::Sampler;
 use moe_engine::chat_template::Message;
 use moe_engine::generate::Conversation;
 use moe_engine::tokenizer::Tokenizer;
+use moe_engine::{Backend, Model};
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
@@ -52,16 +53,25 @@ pub fn run(a: Args) -> Result<()> {
         bail!("the prompt is empty");
     }
     let tokenizer = Tokenizer::from_dir(&a.model.model)?;
-    let model = a.model.load()?;
-    let mut conv = Conversation::new(&model, &tokenizer);
+    super::with_model!(a.model.load()?, m => generate(&a, &m, &tokenizer, &prompt))
+}
+
+fn generate<B: Backend>(a: &Args, model: &Model<B>, tokenizer: &Tokenizer, prompt: &str) -> Result<()> {
+    let mut conv = Conversation::new(model, tokenizer);
     let ids = if a.chat {
         let mut msgs: Vec<Message> = a.system.iter().map(Message::system).collect();
-        msgs.push(Message::user(prompt.as_str()));
-        let thinking = if a.think { Some(true) } else if a.no_think { Some(false) } else { None };
+        msgs.push(Message::user(prompt));
+        let thinking = if a.think {
+            Some(true)
+        } else if a.no_think {
+            Some(false)
+        } else {
+            None
+        };
         conv.chat_prompt(&msgs, thinking)?
     } else {
         print!("{prompt}");
-        tokenizer.encode(&prompt, false)?
+        tokenizer.encode(prompt, false)?
     };
     let params = a.sampling.params();
     let mut sampler = Sampler::new(params.sampling.clone());
@@ -71,7 +81,7 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     println!();
     if a.stats {
-        super::print_stats(&stats, &model);
+        super::print_stats(&stats, model);
     }
     Ok(())
 }

@@ -47,8 +47,18 @@ pub fn run(a: Args) -> Result<()> {
     let dense = files.tensors.dense_bytes();
     let (per_expert, experts_total) = (files.experts.expert_bytes(), files.experts.total_bytes());
     println!("tensors    {} dense, {} routed experts", names.len(), c.layers.len() * c.experts);
-    println!("bytes      dense {:.3} GiB, routed experts {:.3} GiB ({} bytes each)", gib(dense), gib(experts_total), per_expert);
+    println!(
+        "bytes      dense {:.3} GiB, routed experts {:.3} GiB ({} bytes each)",
+        gib(dense),
+        gib(experts_total),
+        per_expert
+    );
     let per_token = per_expert * c.top_k * c.layers.len();
-    println!("per token  {:.1} MiB of routed experts ({} layers x {} experts)", per_token as f64 / (1 << 20) as f64, c.layers.len(), c.top_k);
+    println!(
+        "per token  {:.1} MiB of routed experts ({} layers x {} experts)",
+        per_token as f64 / (1 << 20) as f64,
+        c.layers.len(),
+        c.top_k
+    );
     Ok(())
 }

@@ -1,5 +1,6 @@
 use super::ModelArgs;
 use anyhow::{Context, Result, bail};
+use moe_engine::{Backend, Model};
 use safetensors::{Dtype, tensor::TensorView};
 use std::path::PathBuf;
 
@@ -16,13 +17,19 @@ pub struct Args {
     /// Feed the tokens one at a time (the decode path) instead of as one batch (prefill).
     #[arg(long)]
     decode: bool,
+    /// Print the expert store's statistics at the end.
+    #[arg(long)]
+    stats: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.tokens.is_empty() {
         bail!("--tokens is empty");
     }
-    let model = a.model.load()?;
+    super::with_model!(a.model.load()?, m => write_logits(&a, &m))
+}
+
+fn write_logits<B: Backend>(a: &Args, model: &Model<B>) -> Result<()> {
     let mut session = model.new_session();
     let logits: Vec<f32> = if a.decode {
         let mut all = Vec::with_capacity(a.tokens.len() * model.config.vocab);
@@ -37,5 +44,8 @@ pub fn run(a: Args) -> Result<()> {
     let view = TensorView::new(Dtype::F32, vec![a.tokens.len(), model.config.vocab], &bytes)?;
     safetensors::serialize_to_file([("logits", view)], None, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
+    if a.stats {
+        eprintln!("{}", super::store_stats(model));
+    }
     Ok(())
 }

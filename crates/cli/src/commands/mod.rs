@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod chat;
 pub mod convert;
 pub mod generate;
@@ -7,8 +8,11 @@ pub mod sampling;
 pub mod synth;
 pub mod verify;
 
-use clap::Args as ClapArgs;
+use anyhow::Result;
+use clap::{Args as ClapArgs, ValueEnum};
 use moe_engine::generate::GenerateStats;
+use moe_engine::{CpuBackend, Model, cuda_backend::CudaBackend};
+use moe_store::{Budget, Eviction, StoreOptions};
 use std::path::PathBuf;
 
 /// The model to run, shared by every command that runs one.
@@ -21,11 +25,73 @@ pub struct ModelArgs {
     /// Routed experts per token (default: the model's own top-k).
     #[arg(long)]
     pub experts_per_token: Option<usize>,
+    /// Bytes of RAM for cached experts: e.g. 8GiB, 512MiB, 0 (no cache), or auto (available
+    /// memory less the dense weights and room for the system).
+    #[arg(long, default_value = "auto")]
+    pub ram_budget: Budget,
+    /// Threads reading experts from disk in parallel.
+    #[arg(long, default_value_t = moe_store::DEFAULT_IO_THREADS)]
+    pub io_threads: usize,
+    /// Which cached expert to drop when the RAM budget is full: lfru (frequency with ageing) or lru.
+    #[arg(long, default_value = "lfru")]
+    pub eviction: Eviction,
+    /// Read packed expert files through the page cache instead of with O_DIRECT.
+    #[arg(long)]
+    pub no_direct_io: bool,
+    /// Where to compute: auto picks the GPU when one is present.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// A model on whichever backend `--device` chose.
+pub enum AnyModel {
+    Cpu(Box<Model<CpuBackend>>),
+    Cuda(Box<Model<CudaBackend>>),
+}
+
+/// Runs `$body` with `$m` bound to the model, whatever its backend (the body is compiled once
+/// per backend).
+macro_rules! with_model {
+    ($model:expr, $m:ident => $body:expr) => {
+        match $model {
+            $crate::commands::AnyModel::Cpu($m) => $body,
+            $crate::commands::AnyModel::Cuda($m) => $body,
+        }
+    };
+}
+pub(crate) use with_model;
+
 impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<moe_engine::Model<moe_engine::CpuBackend>> {
-        moe_engine::load(&self.model, self.experts_per_token, moe_engine::CpuBackend)
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            ram_budget: self.ram_budget,
+            io_threads: self.io_threads,
+            eviction: self.eviction,
+            direct_io: !self.no_direct_io,
+        }
+    }
+
+    pub fn load(&self) -> Result<AnyModel> {
+        let gpu = match self.device {
+            Device::Cpu => None,
+            Device::Cuda => Some(CudaBackend::new(0)?),
+            Device::Auto => CudaBackend::new(0).ok(),
+        };
+        Ok(match gpu {
+            Some(g) => AnyModel::Cuda(Box::new(self.load_on(g)?)),
+            None => AnyModel::Cpu(Box::new(self.load_on(CpuBackend)?)),
+        })
+    }
+
+    fn load_on<B: moe_engine::Backend>(&self, backend: B) -> Result<Model<B>> {
+        moe_engine::load_with(&self.model, self.experts_per_token, &self.store_options(), backend)
     }
 }
 
@@ -54,4 +120,21 @@ pub fn print_stats<B: moe_engine::Backend>(s: &GenerateStats, model: &moe_engine
         s.stop,
         model.backend().name()
     );
+    eprintln!("{}", store_stats(model));
+}
+
+/// Expert traffic since the model was loaded, on one line.
+pub fn store_stats<B: moe_engine::Backend>(model: &moe_engine::Model<B>) -> String {
+    let s = model.experts().stats();
+    format!(
+        "[experts: {} requests, {:.1}% from RAM, {} read from disk ({:.1} MiB at {:.2} GB/s), waited {:.2}s on I/O, {} evictions, {:.1} MiB resident]",
+        s.requests(),
+        100.0 * s.hit_rate(),
+        s.reads,
+        s.bytes_read as f64 / (1 << 20) as f64,
+        s.read_gbps(),
+        s.stall_time.as_secs_f64(),
+        s.evictions,
+        s.resident_bytes as f64 / (1 << 20) as f64,
+    )
 }

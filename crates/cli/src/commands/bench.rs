@@ -1,0 +1,154 @@
+//! `flash-moe bench`: decode speed next to the bound the machine sets, in one run.
+
+use super::ModelArgs;
+use anyhow::{Context, Result};
+use moe_core::sample::argmax;
+use moe_engine::{Backend, Model};
+use moe_store::probe;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Tokens to decode (after the prompt).
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Prompt tokens processed (as one batch) before decoding.
+    #[arg(long, default_value_t = 8)]
+    prompt_tokens: usize,
+    /// Seconds each bandwidth probe runs.
+    #[arg(long, default_value_t = 3.0)]
+    probe_seconds: f64,
+    /// Print one JSON object instead of the report.
+    #[arg(long)]
+    json: bool,
+}
+
+const GB: f64 = 1e9;
+
+pub fn run(a: Args) -> Result<()> {
+    let files = moe_store::open_with(&a.model.model, &a.model.store_options())?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let probe_time = Duration::from_secs_f64(a.probe_seconds);
+    let expert_bytes = files.experts.expert_bytes();
+    let disk_files = probe::expert_files(&a.model.model)?;
+    let disk = probe::disk_read_bandwidth(&disk_files, expert_bytes, a.model.io_threads, probe_time)
+        .context("measuring the disk")?;
+    let dram_gbps = probe::memory_read_bandwidth(1 << 30, threads);
+    drop(files);
+
+    super::with_model!(a.model.load()?, m => decode(&a, &m, disk, dram_gbps, threads))
+}
+
+fn decode<B: Backend>(
+    a: &Args,
+    model: &Model<B>,
+    disk: probe::DiskBandwidth,
+    dram_gbps: f64,
+    threads: usize,
+) -> Result<()> {
+    let expert_bytes = model.experts().expert_bytes();
+    let c = model.config.clone();
+    // Bytes of resident weights one token reads: everything dense except the embedding table,
+    // of which it reads one row (unless the table is also the output head).
+    let tensors = moe_store::open(&a.model.model)?.tensors;
+    let embed = tensors.matrix("embed_tokens.weight", c.vocab, c.hidden)?.byte_len();
+    let dense_per_token = tensors.dense_bytes() - if c.tie_embeddings { 0 } else { embed - embed / c.vocab };
+
+    let prompt: Vec<u32> = (0..a.prompt_tokens.max(1) as u32).map(|i| (i * 7919 + 13) % c.vocab as u32).collect();
+    let mut session = model.new_session();
+    let start = Instant::now();
+    let mut logits = model.forward(&mut session, &prompt, false, false)?.logits;
+    let prefill = start.elapsed();
+    let before = model.experts().stats();
+    model.take_profile();
+    let start = Instant::now();
+    for _ in 0..a.tokens {
+        let next = argmax(&logits);
+        logits = model.forward(&mut session, &[next], false, false)?.logits;
+    }
+    let decode = start.elapsed();
+    let after = model.experts().stats();
+    let profile = model.take_profile();
+
+    let n = a.tokens.max(1) as f64;
+    let tok_s = n / decode.as_secs_f64();
+    let hits = (after.hits - before.hits) as f64 / n;
+    let misses = (after.requests() - before.requests()) as f64 / n - hits;
+    let disk_bytes = (after.bytes_read - before.bytes_read) as f64 / n;
+    let ram_expert_bytes = hits * expert_bytes as f64;
+    let mem_time = (dense_per_token as f64 + ram_expert_bytes) / (dram_gbps * GB);
+    let disk_time = disk_bytes / (disk.gb_per_s * GB);
+    let roofline = 1.0 / mem_time.max(disk_time);
+    let bound = if disk_time > mem_time { "disk" } else { "memory" };
+    let per_layer = |d: Duration| d.as_secs_f64() * 1e3 / n / c.layers.len() as f64;
+
+    if a.json {
+        let phases: serde_json::Map<String, serde_json::Value> =
+            profile.phases().iter().map(|(k, d)| (k.to_string(), per_layer(*d).into())).collect();
+        let report = serde_json::json!({
+            "model": a.model.model.display().to_string(),
+            "family": c.family.name(),
+            "layers": c.layers.len(),
+            "experts_per_token": c.top_k,
+            "backend": model.backend().name(),
+            "ram_budget": a.model.ram_budget.to_string(),
+            "eviction": a.model.eviction.to_string(),
+            "disk_gbps": disk.gb_per_s,
+            "disk_direct_io": disk.direct,
+            "dram_gbps": dram_gbps,
+            "prefill_tok_s": prompt.len() as f64 / prefill.as_secs_f64(),
+            "decode_tok_s": tok_s,
+            "dense_bytes_per_token": dense_per_token,
+            "expert_bytes_per_token_ram": ram_expert_bytes,
+            "expert_bytes_per_token_disk": disk_bytes,
+            "expert_hit_rate": hits / (hits + misses).max(1e-9),
+            "roofline_tok_s": roofline,
+            "bound": bound,
+            "fraction_of_roofline": tok_s / roofline,
+            "ms_per_layer": phases,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!(
+        "model        {} ({} layers, top-{}, backend {})",
+        a.model.model.display(),
+        c.layers.len(),
+        c.top_k,
+        model.backend().name()
+    );
+    println!(
+        "machine      disk {:.2} GB/s ({} reads of {:.2} MiB, {} threads), memory {:.1} GB/s ({threads} threads)",
+        disk.gb_per_s,
+        if disk.direct { "O_DIRECT" } else { "buffered: the filesystem refused O_DIRECT" },
+        mib(expert_bytes as f64),
+        a.model.io_threads,
+        dram_gbps
+    );
+    println!("store        RAM budget {}, eviction {}", a.model.ram_budget, a.model.eviction);
+    println!("prefill      {} tokens at {:.1} tok/s", prompt.len(), prompt.len() as f64 / prefill.as_secs_f64());
+    println!("decode       {} tokens at {:.2} tok/s ({:.1} ms/token)", a.tokens, tok_s, 1e3 / tok_s);
+    println!(
+        "bytes/token  dense {:.1} MiB, experts from RAM {:.1} MiB ({:.1} hits), experts from disk {:.1} MiB ({:.1} misses); hit rate {:.1}%",
+        mib(dense_per_token as f64),
+        mib(ram_expert_bytes),
+        hits,
+        mib(disk_bytes),
+        misses,
+        100.0 * hits / (hits + misses).max(1e-9)
+    );
+    println!(
+        "roofline     memory path {:.1} ms, disk path {:.1} ms per token -> {:.2} tok/s ({bound}-bound); achieved {:.0}%",
+        mem_time * 1e3,
+        disk_time * 1e3,
+        roofline,
+        100.0 * tok_s / roofline
+    );
+    let phases: Vec<String> = profile.phases().iter().map(|(k, d)| format!("{k} {:.3}", per_layer(*d))).collect();
+    println!("ms/layer     {}", phases.join(", "));
+    println!("{}", super::store_stats(model));
+    Ok(())
+}
