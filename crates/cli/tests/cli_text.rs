@@ -42,12 +42,19 @@ fn fails_with(args: &[&str], stdin: Option<&str>, needles: &[&str]) {
 
 /// A copy of the demo model whose files a test may change.
 fn demo_copy(dir: &Path) -> PathBuf {
-    let to = dir.join("demo");
-    std::fs::create_dir(&to).unwrap();
-    for e in std::fs::read_dir(repo("models/demo")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
     }
+    let to = dir.join("demo");
+    copy_dir(&repo("models/demo"), &to);
     to
 }
 
@@ -117,10 +124,11 @@ fn empty_prompt_is_a_clear_error() {
 fn prompt_longer_than_the_context() {
     let dir = tempfile::tempdir().unwrap();
     let m = demo_copy(dir.path());
-    let cfg = std::fs::read_to_string(m.join("config.json"))
-        .unwrap()
-        .replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 8");
-    std::fs::write(m.join("config.json"), cfg).unwrap();
+    // The packed demo model takes its configuration from the manifest.
+    let manifest = std::fs::read_to_string(m.join("manifest.json")).unwrap();
+    let shrunk = manifest.replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 8");
+    assert_ne!(manifest, shrunk);
+    std::fs::write(m.join("manifest.json"), shrunk).unwrap();
     let long = "And it came to pass in those days, that there went out a decree";
     fails_with(&["generate", "--model", m.to_str().unwrap(), "--prompt", long], None, &["context"]);
 }
