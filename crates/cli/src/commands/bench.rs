@@ -2,7 +2,6 @@
 
 use super::ModelArgs;
 use anyhow::{Context, Result};
-use moe_core::sample::argmax;
 use moe_engine::{Backend, Model};
 use moe_store::probe;
 use std::time::{Duration, Instant};
@@ -64,10 +63,16 @@ fn decode<B: Backend>(
     let before = model.experts().stats();
     model.take_profile();
     let start = Instant::now();
+    // Random tokens, not the model's own choices: a random-weight model's greedy output repeats
+    // itself, which would route every step to the same experts and flatter the cache.
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
     for _ in 0..a.tokens {
-        let next = argmax(&logits);
-        logits = model.forward(&mut session, &[next], false, false)?.logits;
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        logits = model.forward(&mut session, &[(seed % c.vocab as u64) as u32], false, false)?.logits;
     }
+    std::hint::black_box(&logits);
     let decode = start.elapsed();
     let after = model.experts().stats();
     let profile = model.take_profile();
