@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Runs the CUDA test binaries on a GPU machine, which has the driver and NVRTC but no Rust.
+# Runs the CUDA test binaries (and optionally the benchmarks) on a GPU machine, which has the
+# driver and NVRTC but no Rust.
 #
-#   scripts/gpu-check.sh --prepare   # here (no GPU needed): build the CUDA tests in release and
-#                                    # copy their executables into .carry/gpu/
+#   scripts/gpu-check.sh --prepare   # here (no GPU needed): build the CUDA tests and flash-moe in
+#                                    # release; copy the test executables into .carry/gpu/ and the
+#                                    # binary into .carry/bin/ (carry both)
 #   scripts/gpu-check.sh             # on the GPU machine: run every executable in .carry/gpu/
+#   scripts/gpu-check.sh --bench L   # ... then the benchmarks on a synthetic qwen3.5-397b of L
+#                                    # layers (q4 experts, q8 dense): experts in GPU memory, from
+#                                    # RAM (pinned staging), on the CPU backend, from disk (cold)
 #
 # The run step builds nothing. It requires a GPU (FLASH_MOE_REQUIRE_CUDA=1 turns the tests'
 # "SKIPPED ... no CUDA device" into failures), uses a fresh PTX cache (so the first test binary
 # compiles the kernels with NVRTC and the next ones load them from the cache), and writes the
-# whole log to $OUT/gpu-check.log when $OUT is set. Exit status: 0 only if every binary passed.
+# whole log to $OUT/gpu-check.log (benchmarks: $OUT/bench.log) when $OUT is set. Exit status: 0
+# only if every binary passed.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +30,9 @@ if [[ "${1:-}" == "--prepare" ]]; then
     grep -qxF '/.carry/' "$exclude" 2>/dev/null || echo '/.carry/' >>"$exclude"
     json="$(mktemp)"
     cargo test --release --no-run --message-format=json -p moe-cuda --lib >"$json"
-    cargo test --release --no-run --message-format=json -p moe-engine --test cuda_ops --test cuda_models >>"$json"
+    tests=()
+    for t in crates/engine/tests/cuda_*.rs; do tests+=(--test "$(basename "$t" .rs)"); done
+    cargo test --release --no-run --message-format=json -p moe-engine "${tests[@]}" >>"$json"
     jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true) | .executable' "$json" |
         sort -u | while read -r exe; do
         name="$(basename "$exe" | sed -E 's/-[0-9a-f]{16}$//')"
@@ -32,7 +40,16 @@ if [[ "${1:-}" == "--prepare" ]]; then
         echo "carried $name ($(du -h "$carry/$name" | cut -f1))"
     done
     rm -f "$json"
+    cargo build --release -p flash-moe
+    mkdir -p "$root/.carry/bin"
+    objcopy --strip-debug target/release/flash-moe "$root/.carry/bin/flash-moe"
+    echo "carried flash-moe ($(du -h "$root/.carry/bin/flash-moe" | cut -f1)) in .carry/bin"
     exit 0
+fi
+
+bench_layers=""
+if [[ "${1:-}" == "--bench" ]]; then
+    bench_layers="${2:?--bench needs a layer count}"
 fi
 
 cd "$root"
@@ -56,6 +73,47 @@ export FLASH_MOE_FIXTURES="$root/tests/fixtures"
 export XDG_CACHE_HOME="$(mktemp -d)"
 export RUST_BACKTRACE=1
 
+# Benchmarks with the carried binary; each step has a time limit so that one hang cannot eat the
+# machine's time. The model goes to a disk-backed directory (not tmpfs), so that dropping the page
+# cache makes the last run read from disk.
+bench() {
+    local layers="$1" bin="$root/.carry/bin/flash-moe" blog="${OUT:+$OUT/bench.log}" dir
+    chmod +x "$bin" 2>/dev/null || true
+    blog="${blog:-/dev/null}"
+    for dir in /tmp /var/tmp "$root"; do
+        [[ "$(stat -f -c %T "$dir")" != tmpfs ]] && break
+    done
+    local model="$dir/s397-$layers"
+    step() {
+        local limit="$1"
+        shift
+        echo "+ $* (limit ${limit}s)" | tee -a "$blog"
+        local t0=$(date +%s)
+        timeout "$limit" "$@" 2>&1 | tee -a "$blog"
+        echo "= exit ${PIPESTATUS[0]} after $(($(date +%s) - t0))s" | tee -a "$blog"
+    }
+    uname -a >>"$blog"
+    free -g | tee -a "$blog"
+    df -h "$dir" | tee -a "$blog"
+    step 150 "$bin" synth --shape qwen3.5-397b --layers "$layers" --experts q4 --dense q8 --out "$model" --force
+    local common=(--model "$model" --probe-seconds 1)
+    # 1. Every expert in GPU memory: a 512-token prefill touches each expert of each layer (it
+    #    reads them through the page cache), then decoding hits the VRAM tier only.
+    step 120 "$bin" bench "${common[@]}" --device cuda --vram-budget auto --ram-budget 0 --no-direct-io \
+        --prompt-tokens 512 --tokens 32
+    nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$blog"
+    # 2. No VRAM tier: every expert from the RAM tier through pinned staging and the copy engine.
+    step 120 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget auto --no-direct-io \
+        --prompt-tokens 512 --tokens 32
+    # 3. The CPU backend on the same model, experts from RAM.
+    step 90 "$bin" bench "${common[@]}" --device cpu --ram-budget auto --no-direct-io --prompt-tokens 8 --tokens 8
+    # 4. Cold: page cache dropped, every expert from disk (O_DIRECT) each time it is used.
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    step 90 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget 0 --prompt-tokens 8 --tokens 16
+    rm -rf "$model"
+}
+
 run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 failed=()
 for bin in "${bins[@]}"; do
@@ -63,10 +121,11 @@ for bin in "${bins[@]}"; do
     chmod +x "$bin" 2>/dev/null || true
     run echo "=== $name"
     start=$(date +%s%N)
-    if run "$bin" --test-threads=1 --nocapture; then status=ok; else status=FAILED; failed+=("$name"); fi
+    if run timeout 240 "$bin" --test-threads=1 --nocapture; then status=ok; else status=FAILED; failed+=("$name"); fi
     run echo "=== $name: $status in $((($(date +%s%N) - start) / 1000000)) ms"
 done
 run echo "PTX cache: $(ls "$XDG_CACHE_HOME"/flash-moe 2>/dev/null | tr '\n' ' ')"
+[[ -n "$bench_layers" ]] && bench "$bench_layers"
 if [[ ${#failed[@]} -gt 0 ]]; then
     run echo "gpu-check: FAILED: ${failed[*]}"
     exit 1

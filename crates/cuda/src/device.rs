@@ -2,9 +2,10 @@
 
 use crate::{Context, Error, Result, loader, ptx};
 use cudarc::driver::sys::CUresult;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 use moe_core::{DType, Matrix, WeightFormat};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Every kernel the module must export.
@@ -52,19 +53,61 @@ const ATTN_THREADS: u32 = 128;
 const DN_MAX_KERNEL: usize = 8;
 const DN_MAX_K_DIM: usize = 320;
 
-/// A weight matrix in device memory, in its stored format.
+/// A weight matrix in device memory, in its stored format: codes (or elements), then the bf16
+/// scales and biases of affine formats, each at a [`PART_ALIGN`]-aligned offset of one buffer.
+/// The buffer may be shared, e.g. by the three matrices of a routed expert.
 pub struct DeviceMatrix {
     pub format: WeightFormat,
     pub rows: usize,
     pub cols: usize,
-    data: CudaSlice<u8>,
-    /// bf16 scales and biases of affine formats.
-    scales: Option<CudaSlice<u8>>,
-    biases: Option<CudaSlice<u8>>,
+    buf: Arc<CudaSlice<u8>>,
+    data: Range<usize>,
+    /// Scales and biases of affine formats.
+    scales: Option<Range<usize>>,
+    biases: Option<Range<usize>>,
 }
 
+/// Alignment of each part of a [`DeviceMatrix`] in its buffer (the kernels load 16 bytes at once).
+pub(crate) const PART_ALIGN: usize = 256;
+
+/// Where the parts of matrices go in one buffer: `(data, scales, biases)` per matrix and the
+/// buffer's length. Fails for affine formats the kernels lack.
+pub(crate) fn layout(ms: &[&Matrix]) -> Result<(Vec<PartRanges>, usize)> {
+    let mut end = 0;
+    let mut place = |len: usize| {
+        let start = end;
+        end = (start + len).next_multiple_of(PART_ALIGN);
+        start..start + len
+    };
+    let mut out = Vec::with_capacity(ms.len());
+    for m in ms {
+        let affine = match m.format {
+            WeightFormat::Float(_) => false,
+            WeightFormat::Affine { bits, group } => {
+                if !matches!(bits, 2 | 4 | 8) || group != 64 {
+                    return Err(Error::Unsupported(format!("weight format {}", m.format.name())));
+                }
+                true
+            }
+        };
+        let data = place(m.data.len());
+        let (scales, biases) =
+            if affine { (Some(place(m.scales.len())), Some(place(m.biases.len()))) } else { (None, None) };
+        out.push((data, scales, biases));
+    }
+    Ok((out, end))
+}
+
+pub(crate) type PartRanges = (Range<usize>, Option<Range<usize>>, Option<Range<usize>>);
+
 impl DeviceMatrix {
-    /// Bytes held on the device.
+    /// `m`'s parts at `ranges` of `buf`.
+    pub(crate) fn in_buffer(m: &Matrix, buf: Arc<CudaSlice<u8>>, ranges: PartRanges) -> DeviceMatrix {
+        let (data, scales, biases) = ranges;
+        DeviceMatrix { format: m.format, rows: m.rows, cols: m.cols, buf, data, scales, biases }
+    }
+
+    /// Bytes of the matrix on the device (its parts, without alignment padding).
     pub fn byte_len(&self) -> usize {
         self.data.len() + self.scales.as_ref().map_or(0, |s| s.len()) + self.biases.as_ref().map_or(0, |s| s.len())
     }
@@ -121,13 +164,38 @@ pub struct DeltaNetParams {
 
 /// One GPU: its context, the stream every operation is queued on, and the compiled kernels.
 pub struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    pub(crate) ctx: Arc<CudaContext>,
+    /// The compute stream: every kernel and activation copy.
+    pub(crate) stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
     /// Stands in for the absent scales and biases of float formats.
     dummy: CudaSlice<u8>,
     name: String,
     capability: (i32, i32),
+}
+
+/// Lets the device's default memory pool (behind stream-ordered allocation) keep what is freed
+/// instead of returning it to the driver at every synchronisation: activations are allocated and
+/// freed every step, and evicted experts' memory is reused for the next upload.
+fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut keep = u64::MAX;
+    // SAFETY: plain driver calls on the current device with valid out-pointers.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().what("reading the memory pool")?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+        .result()
+        .what("configuring the memory pool")?;
+    }
+    Ok(())
 }
 
 fn grid_1d(len: usize, threads: u32) -> LaunchConfig {
@@ -164,6 +232,7 @@ impl Gpu {
         // SAFETY: no buffer exists yet, and all work goes to the single stream created below.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().what("creating a stream")?;
+        keep_pool_memory(&ctx)?;
         let name = ctx.name().what("reading the device name")?;
         let capability = ctx.compute_capability().what("reading the compute capability")?;
         let arch = ptx::arch(capability.0, capability.1);
@@ -253,24 +322,26 @@ impl Gpu {
         Ok(out)
     }
 
-    /// Uploads a weight matrix in its stored format.
+    /// Uploads a weight matrix in its stored format (one buffer for its parts).
     pub fn matrix(&self, m: &Matrix) -> Result<DeviceMatrix> {
-        let copy = |b: &[u8]| -> Result<CudaSlice<u8>> {
-            if b.is_empty() {
-                return self.stream.null().what("allocating");
+        let (mut ranges, len) = layout(&[m])?;
+        let ranges = ranges.pop().expect("one matrix");
+        if len == 0 {
+            let buf = Arc::new(self.stream.null().what("allocating")?);
+            return Ok(DeviceMatrix::in_buffer(m, buf, ranges));
+        }
+        // SAFETY: every part is written below; alignment padding is never read.
+        let mut buf = unsafe { self.stream.alloc::<u8>(len) }.what("allocating a weight")?;
+        let (data, scales, biases) = &ranges;
+        let parts = [(Some(data), &m.data), (scales.as_ref(), &m.scales), (biases.as_ref(), &m.biases)];
+        for (r, bytes) in parts {
+            if let Some(r) = r.filter(|r| !r.is_empty()) {
+                self.stream
+                    .memcpy_htod(&bytes[..], &mut buf.slice_mut(r.clone()))
+                    .what("copying a weight to the device")?;
             }
-            self.stream.clone_htod(b).what("copying a weight to the device")
-        };
-        let (scales, biases) = match m.format {
-            WeightFormat::Float(_) => (None, None),
-            WeightFormat::Affine { bits, group } => {
-                if !matches!(bits, 2 | 4 | 8) || group != 64 {
-                    return Err(Error::Unsupported(format!("weight format {}", m.format.name())));
-                }
-                (Some(copy(&m.scales)?), Some(copy(&m.biases)?))
-            }
-        };
-        Ok(DeviceMatrix { format: m.format, rows: m.rows, cols: m.cols, data: copy(&m.data)?, scales, biases })
+        }
+        Ok(DeviceMatrix::in_buffer(m, Arc::new(buf), ranges))
     }
 
     // ---- Kernels. Buffer sizes are checked here, so that no kernel reads or writes out of bounds.
@@ -291,17 +362,22 @@ impl Gpu {
             "q4" => "embed_q4",
             _ => "embed_q2",
         });
-        let (sc, bi) = self.scales(table);
+        let (data, sc, bi) = self.parts(table);
         let cols = i32_of(table.cols, "cols");
         let cfg = LaunchConfig { grid_dim: (tokens.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(f);
-        b.arg(&table.data).arg(sc).arg(bi).arg(&cols).arg(&ids).arg(out);
+        b.arg(&data).arg(&sc).arg(&bi).arg(&cols).arg(&ids).arg(out);
         unsafe { b.launch(cfg) }.what("launching embed")?;
         Ok(())
     }
 
-    fn scales<'a>(&'a self, m: &'a DeviceMatrix) -> (&'a CudaSlice<u8>, &'a CudaSlice<u8>) {
-        (m.scales.as_ref().unwrap_or(&self.dummy), m.biases.as_ref().unwrap_or(&self.dummy))
+    /// Views of a matrix's codes, scales and biases (the dummy buffer for absent parts).
+    fn parts<'a>(&'a self, m: &'a DeviceMatrix) -> (CudaView<'a, u8>, CudaView<'a, u8>, CudaView<'a, u8>) {
+        let part = |r: &Option<Range<usize>>| match r {
+            Some(r) => m.buf.slice(r.clone()),
+            None => self.dummy.slice(..),
+        };
+        (m.buf.slice(m.data.clone()), part(&m.scales), part(&m.biases))
     }
 
     /// `out[t] = W x[t]` for `tokens` rows: `x` is `[tokens, cols]`, `out` `[tokens, rows]`.
@@ -312,7 +388,7 @@ impl Gpu {
         assert!(x.len() >= tokens * w.cols, "matmul: input of {} values < {tokens} x {}", x.len(), w.cols);
         assert!(out.len() >= tokens * w.rows, "matmul: output of {} values < {tokens} x {}", out.len(), w.rows);
         let (rows, cols, n) = (i32_of(w.rows, "rows"), i32_of(w.cols, "cols"), i32_of(tokens, "tokens"));
-        let (sc, bi) = self.scales(w);
+        let (data, sc, bi) = self.parts(w);
         let sfx = w.suffix();
         if tokens <= MATVEC_MAX_TOKENS {
             let f = self.f(match sfx {
@@ -331,7 +407,7 @@ impl Gpu {
                 shared_mem_bytes: 0,
             };
             let mut b = self.stream.launch_builder(f);
-            b.arg(&w.data).arg(sc).arg(bi).arg(&rows).arg(&cols).arg(x).arg(&n).arg(out).arg(&vec);
+            b.arg(&data).arg(&sc).arg(&bi).arg(&rows).arg(&cols).arg(x).arg(&n).arg(out).arg(&vec);
             unsafe { b.launch(cfg) }.what("launching matvec")?;
         } else {
             let f = self.f(match sfx {
@@ -348,7 +424,7 @@ impl Gpu {
                 shared_mem_bytes: 0,
             };
             let mut b = self.stream.launch_builder(f);
-            b.arg(&w.data).arg(sc).arg(bi).arg(&rows).arg(&cols).arg(x).arg(&n).arg(out);
+            b.arg(&data).arg(&sc).arg(&bi).arg(&rows).arg(&cols).arg(x).arg(&n).arg(out);
             unsafe { b.launch(cfg) }.what("launching matmul")?;
         }
         Ok(())

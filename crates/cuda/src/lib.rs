@@ -7,11 +7,14 @@
 //! operations onto [`Gpu`]'s methods.
 
 mod device;
+mod experts;
 mod loader;
 mod ptx;
+mod tier;
 
 pub use cudarc::driver::CudaSlice;
 pub use device::{AttentionParams, DeltaNetParams, DeviceMatrix, Gpu};
+pub use experts::{Bandwidth, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget, VramStats};
 
 /// Why a GPU could not be used or an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,8 @@ pub enum Error {
     },
     #[error("unsupported on CUDA: {0}")]
     Unsupported(String),
+    #[error("out of GPU memory: {0}")]
+    OutOfMemory(String),
 }
 
 impl Error {

@@ -95,16 +95,67 @@ pub struct KvCache<B: Backend + ?Sized> {
     pub capacity: usize,
 }
 
+/// A routed expert's gate, up and down matrices, as [`Backend::expert_ffn`] takes them.
+pub trait ExpertMatrices<W> {
+    fn matrices(&self) -> [&W; 3];
+}
+
+impl<W> ExpertMatrices<W> for [W; 3] {
+    fn matrices(&self) -> [&W; 3] {
+        let [g, u, d] = self;
+        [g, u, d]
+    }
+}
+
+/// Counters of a backend's device-memory tier for routed experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpertTierStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Bytes copied to the device for misses.
+    pub bytes_uploaded: u64,
+    pub evictions: u64,
+    pub resident_experts: usize,
+    pub resident_bytes: u64,
+    /// `None` while an automatic budget is not yet resolved.
+    pub budget: Option<u64>,
+}
+
 pub trait Backend: Send + Sync {
     /// f32 activations on the device.
     type Tensor: Send + Sync;
     /// A weight matrix usable by `matmul` and `expert_ffn`.
     type Weight: Send + Sync;
+    /// A routed expert made usable by [`expert_weights`](Self::expert_weights); dropped once
+    /// its `expert_ffn` is queued.
+    type ExpertWeights: ExpertMatrices<Self::Weight>;
 
     fn name(&self) -> String;
 
-    /// Makes a matrix usable on the device: once at load for dense weights, per fetch for experts.
+    /// Makes a matrix usable on the device: once at load for dense weights.
     fn weight(&self, m: &Matrix) -> Result<Self::Weight>;
+
+    /// Routed expert `id` of `layer`, made usable on the device. `fetch` reads it from the expert
+    /// store; a backend with a device-memory tier calls it only on a miss.
+    fn expert_weights<F>(&self, layer: usize, id: usize, fetch: F) -> Result<Self::ExpertWeights>
+    where
+        F: FnOnce() -> Result<moe_store::Expert>;
+
+    /// Whether routed expert `id` of `layer` is resident on the device, so that
+    /// [`expert_weights`](Self::expert_weights) will not fetch it (the model prefetches the others).
+    fn has_expert(&self, _layer: usize, _id: usize) -> bool {
+        false
+    }
+
+    /// The device tier's counters, for backends that keep one.
+    fn expert_tier_stats(&self) -> Option<ExpertTierStats> {
+        None
+    }
+
+    /// Measured device-memory and host-to-device bandwidth in GB/s, for backends with a device.
+    fn device_bandwidth(&self, _seconds: f64) -> Option<(f64, f64)> {
+        None
+    }
     fn tensor(&self, values: &[f32]) -> Self::Tensor;
     fn zeros(&self, len: usize) -> Self::Tensor;
     /// The first `len` values back on the host.

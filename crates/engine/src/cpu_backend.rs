@@ -12,6 +12,7 @@ pub struct CpuBackend;
 impl Backend for CpuBackend {
     type Tensor = Vec<f32>;
     type Weight = Matrix;
+    type ExpertWeights = [Matrix; 3];
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", moe_cpu::threads())
@@ -19,6 +20,14 @@ impl Backend for CpuBackend {
 
     fn weight(&self, m: &Matrix) -> Result<Matrix> {
         Ok(m.clone())
+    }
+
+    fn expert_weights<F>(&self, _layer: usize, _id: usize, fetch: F) -> Result<[Matrix; 3]>
+    where
+        F: FnOnce() -> Result<moe_store::Expert>,
+    {
+        let e = fetch()?;
+        Ok([e.gate, e.up, e.down])
     }
 
     fn tensor(&self, values: &[f32]) -> Vec<f32> {

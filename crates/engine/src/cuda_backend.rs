@@ -2,6 +2,12 @@
 //! weights uploaded once in their stored format (bf16/f16/f32 or affine q8/q4/q2) and
 //! dequantised inside the kernels. Every operation is queued on one stream; `read` waits for it.
 //!
+//! Routed experts go through a GPU-memory tier ([`moe_cuda::ExpertTier`]): a byte budget of
+//! uploaded experts (`--vram-budget`, `auto` = free device memory after the dense weights less
+//! [`moe_cuda::VRAM_HEADROOM`]), least-used evicted first; a hit reads nothing from the expert
+//! store and copies nothing, a miss is uploaded through pinned staging on a copy stream that the
+//! compute stream waits on with an event. Budget 0 uploads every use.
+//!
 //! The trait's operations cannot fail, so a device error (out of memory, a faulting kernel) is
 //! a panic that names the operation; opening the device is the fallible step.
 
@@ -9,23 +15,61 @@ use crate::backend::*;
 use anyhow::Result;
 use moe_core::Matrix;
 use moe_cuda::{AttentionParams, CudaSlice, DeltaNetParams as DeltaNetDims, DeviceMatrix, Gpu};
+use moe_store::Budget;
 
 pub use moe_cuda::Error as CudaError;
+pub use moe_cuda::{ExpertHandle, VramStats};
 
 pub struct CudaBackend {
     gpu: Gpu,
+    tier: moe_cuda::ExpertTier,
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`. Fails with a [`CudaError`] that says "no CUDA driver found
-    /// (libcuda.so.1)" or "no GPU" on machines without one (see [`CudaError::is_unavailable`]),
-    /// or carries the NVRTC log if the kernels do not compile.
+    /// Opens GPU `ordinal` with an automatic VRAM budget for experts. Fails with a [`CudaError`]
+    /// that says "no CUDA driver found (libcuda.so.1)" or "no GPU" on machines without one (see
+    /// [`CudaError::is_unavailable`]), or carries the NVRTC log if the kernels do not compile.
     pub fn new(ordinal: usize) -> Result<Self> {
-        Ok(CudaBackend { gpu: Gpu::new(ordinal)? })
+        Self::with_vram_budget(ordinal, Budget::Auto)
+    }
+
+    /// [`new`](Self::new) with `budget` bytes of device memory for routed experts (`auto`: what
+    /// is free once the dense weights are loaded, less 2 GiB; 0: upload every use).
+    pub fn with_vram_budget(ordinal: usize, budget: Budget) -> Result<Self> {
+        let gpu = Gpu::new(ordinal)?;
+        let tier = gpu.expert_tier(vram_budget(budget))?;
+        Ok(CudaBackend { gpu, tier })
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Changes the VRAM budget for experts (evicting what no longer fits); `auto` resolves now.
+    pub fn set_vram_budget(&self, budget: Budget) -> Result<()> {
+        Ok(self.tier.set_budget(vram_budget(budget))?)
+    }
+
+    /// The VRAM tier's hits, misses, bytes uploaded and residents.
+    pub fn vram_stats(&self) -> VramStats {
+        self.tier.stats()
+    }
+
+    pub fn reset_vram_stats(&self) {
+        self.tier.reset_stats()
+    }
+}
+
+fn vram_budget(b: Budget) -> moe_cuda::VramBudget {
+    match b {
+        Budget::Auto => moe_cuda::VramBudget::Auto,
+        Budget::Bytes(n) => moe_cuda::VramBudget::Bytes(n),
+    }
+}
+
+impl ExpertMatrices<DeviceMatrix> for ExpertHandle {
+    fn matrices(&self) -> [&DeviceMatrix; 3] {
+        ExpertHandle::matrices(self)
     }
 }
 
@@ -37,13 +81,61 @@ fn ok<T>(r: moe_cuda::Result<T>, op: &str) -> T {
 impl Backend for CudaBackend {
     type Tensor = CudaSlice<f32>;
     type Weight = DeviceMatrix;
+    type ExpertWeights = ExpertHandle;
 
     fn name(&self) -> String {
-        format!("cuda ({})", self.gpu.describe())
+        let s = self.tier.stats();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let budget = match (self.tier.requested_budget(), s.budget) {
+            (moe_cuda::VramBudget::Auto, None) => "auto".to_string(),
+            (moe_cuda::VramBudget::Auto, Some(b)) => format!("auto = {:.2} GiB", gib(b)),
+            (moe_cuda::VramBudget::Bytes(b), _) => format!("{:.2} GiB", gib(b)),
+        };
+        format!(
+            "cuda ({}; VRAM experts {budget}: {} resident, {:.2} GiB, {} hits, {} misses, {:.2} GiB uploaded)",
+            self.gpu.describe(),
+            s.resident_experts,
+            gib(s.resident_bytes),
+            s.hits,
+            s.misses,
+            gib(s.bytes_uploaded)
+        )
     }
 
     fn weight(&self, m: &Matrix) -> Result<DeviceMatrix> {
         Ok(self.gpu.matrix(m)?)
+    }
+
+    fn expert_weights<F>(&self, layer: usize, id: usize, fetch: F) -> Result<ExpertHandle>
+    where
+        F: FnOnce() -> Result<moe_store::Expert>,
+    {
+        if let Some(h) = self.tier.lookup(layer, id) {
+            return Ok(h);
+        }
+        let e = fetch()?;
+        Ok(self.tier.upload(layer, id, [&e.gate, &e.up, &e.down])?)
+    }
+
+    fn has_expert(&self, layer: usize, id: usize) -> bool {
+        self.tier.contains(layer, id)
+    }
+
+    fn expert_tier_stats(&self) -> Option<ExpertTierStats> {
+        let s = self.tier.stats();
+        Some(ExpertTierStats {
+            hits: s.hits,
+            misses: s.misses,
+            bytes_uploaded: s.bytes_uploaded,
+            evictions: s.evictions,
+            resident_experts: s.resident_experts,
+            resident_bytes: s.resident_bytes,
+            budget: s.budget,
+        })
+    }
+
+    fn device_bandwidth(&self, seconds: f64) -> Option<(f64, f64)> {
+        self.gpu.bandwidth(seconds).ok().map(|b| (b.device, b.host_to_device))
     }
 
     fn tensor(&self, values: &[f32]) -> CudaSlice<f32> {

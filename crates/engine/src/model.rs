@@ -391,7 +391,7 @@ impl<B: Backend> Model<B> {
                 r.1.push(w);
             }
         }
-        let ids: Vec<usize> = routes.keys().copied().collect();
+        let ids: Vec<usize> = routes.keys().copied().filter(|&e| !b.has_expert(layer, e)).collect();
         self.experts.prefetch(layer, &ids);
         clock.lap(&mut prof.router);
         // The shared expert runs while the routed experts are read.
@@ -405,10 +405,10 @@ impl<B: Backend> Model<B> {
             clock.lap(&mut prof.shared_expert);
         }
         for (e, (rows, scales)) in &routes {
-            let ex = self.experts.expert(layer, *e)?;
-            let (g, u, d) = (b.weight(&ex.gate)?, b.weight(&ex.up)?, b.weight(&ex.down)?);
+            let w = b.expert_weights(layer, *e, || Ok(self.experts.expert(layer, *e)?))?;
+            let [g, u, d] = w.matrices();
             clock.lap(&mut prof.expert_wait);
-            b.expert_ffn(&g, &u, &d, x, rows, scales, &mut acc);
+            b.expert_ffn(g, u, d, x, rows, scales, &mut acc);
             clock.lap(&mut prof.experts);
         }
         prof.expert_uses += routes.len();

@@ -61,6 +61,7 @@ fn decode<B: Backend>(
     let mut logits = model.forward(&mut session, &prompt, false, false)?.logits;
     let prefill = start.elapsed();
     let before = model.experts().stats();
+    let vram_before = model.backend().expert_tier_stats();
     model.take_profile();
     let start = Instant::now();
     // Random tokens, not the model's own choices: a random-weight model's greedy output repeats
@@ -75,8 +76,8 @@ fn decode<B: Backend>(
     std::hint::black_box(&logits);
     let decode = start.elapsed();
     let after = model.experts().stats();
+    let vram_after = model.backend().expert_tier_stats();
     let profile = model.take_profile();
-
     let n = a.tokens.max(1) as f64;
     let tok_s = n / decode.as_secs_f64();
     let hits = (after.hits - before.hits) as f64 / n;
@@ -88,11 +89,30 @@ fn decode<B: Backend>(
     let roofline = 1.0 / mem_time.max(disk_time);
     let bound = if disk_time > mem_time { "disk" } else { "memory" };
     let per_layer = |d: Duration| d.as_secs_f64() * 1e3 / n / c.layers.len() as f64;
+    // The GPU path: dense weights and VRAM hits read from device memory, misses copied in from
+    // pinned staging, which is filled from the RAM tier (host memory) or the disk.
+    let vram = vram_after.zip(vram_before).map(|(v, b)| {
+        let hits = (v.hits - b.hits) as f64 / n;
+        let misses = (v.misses - b.misses) as f64 / n;
+        let uploaded = (v.bytes_uploaded - b.bytes_uploaded) as f64 / n;
+        (v, hits, misses, uploaded)
+    });
+    let gpu = vram.and_then(|(_, vram_hits, _, uploaded)| {
+        let (dev_gbps, h2d_gbps) = model.backend().device_bandwidth(a.probe_seconds)?;
+        let times = [
+            ("gpu memory", (dense_per_token as f64 + vram_hits * expert_bytes as f64) / (dev_gbps * GB)),
+            ("host->device", uploaded / (h2d_gbps * GB)),
+            ("disk", disk_time),
+            ("host memory", ram_expert_bytes / (dram_gbps * GB)),
+        ];
+        let (bound, worst) = times.iter().fold(("", 0.0f64), |m, &(k, t)| if t > m.1 { (k, t) } else { m });
+        Some((dev_gbps, h2d_gbps, times, bound, 1.0 / worst))
+    });
 
     if a.json {
         let phases: serde_json::Map<String, serde_json::Value> =
             profile.phases().iter().map(|(k, d)| (k.to_string(), per_layer(*d).into())).collect();
-        let report = serde_json::json!({
+        let mut report = serde_json::json!({
             "model": a.model.model.display().to_string(),
             "family": c.family.name(),
             "layers": c.layers.len(),
@@ -114,6 +134,25 @@ fn decode<B: Backend>(
             "fraction_of_roofline": tok_s / roofline,
             "ms_per_layer": phases,
         });
+        if let Some((v, hits, misses, uploaded)) = vram {
+            report["vram"] = serde_json::json!({
+                "budget": v.budget,
+                "resident_experts": v.resident_experts,
+                "resident_bytes": v.resident_bytes,
+                "hits_per_token": hits,
+                "misses_per_token": misses,
+                "bytes_uploaded_per_token": uploaded,
+                "hit_rate": hits / (hits + misses).max(1e-9),
+                "evictions": v.evictions,
+            });
+        }
+        if let Some((dev, h2d, _, bound, roof)) = gpu {
+            report["gpu_memory_gbps"] = dev.into();
+            report["gpu_host_to_device_gbps"] = h2d.into();
+            report["gpu_roofline_tok_s"] = roof.into();
+            report["gpu_bound"] = bound.into();
+            report["gpu_fraction_of_roofline"] = (tok_s / roof).into();
+        }
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -133,7 +172,10 @@ fn decode<B: Backend>(
         a.model.io_threads,
         dram_gbps
     );
-    println!("store        RAM budget {}, eviction {}", a.model.ram_budget, a.model.eviction);
+    println!(
+        "store        RAM budget {}, eviction {}, VRAM budget {}",
+        a.model.ram_budget, a.model.eviction, a.model.vram_budget
+    );
     println!("prefill      {} tokens at {:.1} tok/s", prompt.len(), prompt.len() as f64 / prefill.as_secs_f64());
     println!("decode       {} tokens at {:.2} tok/s ({:.1} ms/token)", a.tokens, tok_s, 1e3 / tok_s);
     println!(
@@ -145,13 +187,38 @@ fn decode<B: Backend>(
         misses,
         100.0 * hits / (hits + misses).max(1e-9)
     );
-    println!(
-        "roofline     memory path {:.1} ms, disk path {:.1} ms per token -> {:.2} tok/s ({bound}-bound); achieved {:.0}%",
-        mem_time * 1e3,
-        disk_time * 1e3,
-        roofline,
-        100.0 * tok_s / roofline
-    );
+    // The host roofline (dense weights read from DRAM) describes the CPU backend only.
+    if gpu.is_none() {
+        println!(
+            "roofline     memory path {:.1} ms, disk path {:.1} ms per token -> {:.2} tok/s ({bound}-bound); achieved {:.0}%",
+            mem_time * 1e3,
+            disk_time * 1e3,
+            roofline,
+            100.0 * tok_s / roofline
+        );
+    }
+    if let Some((v, hits, misses, uploaded)) = vram {
+        println!(
+            "vram tier    budget {}: {} experts resident ({:.2} GiB), {} evictions; per token {:.1} hits, {:.1} misses ({:.1}% hits), {:.1} MiB uploaded",
+            v.budget.map_or("auto (unresolved)".to_string(), moe_store::format_bytes),
+            v.resident_experts,
+            v.resident_bytes as f64 / (1u64 << 30) as f64,
+            v.evictions,
+            hits,
+            misses,
+            100.0 * hits / (hits + misses).max(1e-9),
+            mib(uploaded)
+        );
+    }
+    if let Some((dev, h2d, times, bound, roof)) = gpu {
+        let parts: Vec<String> = times.iter().map(|(k, t)| format!("{k} {:.2} ms", t * 1e3)).collect();
+        println!("gpu          memory {dev:.0} GB/s (device copy), host->device {h2d:.1} GB/s (pinned)");
+        println!(
+            "gpu roofline {} per token -> {roof:.2} tok/s ({bound}-bound); achieved {:.0}%",
+            parts.join(", "),
+            100.0 * tok_s / roof
+        );
+    }
     let phases: Vec<String> = profile.phases().iter().map(|(k, d)| format!("{k} {:.3}", per_layer(*d))).collect();
     println!("ms/layer     {}", phases.join(", "));
     println!("{}", super::store_stats(model));

@@ -38,6 +38,10 @@ pub struct ModelArgs {
     /// Read packed expert files through the page cache instead of with O_DIRECT.
     #[arg(long)]
     pub no_direct_io: bool,
+    /// Bytes of GPU memory for routed experts on --device cuda: e.g. 40GiB, 0 (upload every use),
+    /// or auto (free GPU memory once the dense weights are loaded, less 2 GiB).
+    #[arg(long, default_value = "auto")]
+    pub vram_budget: Budget,
     /// Where to compute: auto picks the GPU when one is present.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
@@ -81,8 +85,8 @@ impl ModelArgs {
     pub fn load(&self) -> Result<AnyModel> {
         let gpu = match self.device {
             Device::Cpu => None,
-            Device::Cuda => Some(CudaBackend::new(0)?),
-            Device::Auto => CudaBackend::new(0).ok(),
+            Device::Cuda => Some(CudaBackend::with_vram_budget(0, self.vram_budget)?),
+            Device::Auto => CudaBackend::with_vram_budget(0, self.vram_budget).ok(),
         };
         Ok(match gpu {
             Some(g) => AnyModel::Cuda(Box::new(self.load_on(g)?)),
