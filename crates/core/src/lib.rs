@@ -7,6 +7,7 @@ pub mod format;
 pub mod ops;
 pub mod quant;
 pub mod sample;
+pub mod shapes;
 
 pub use bytes::Bytes;
 pub use config::{ConfigError, Family, LayerKind, ModelConfig};

@@ -3,6 +3,7 @@
 use crate::{Context, Error, Result, loader, ptx};
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
+use moe_core::shapes::{AttentionShape, DeltaNetShape};
 use moe_core::{DType, Matrix, WeightFormat};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -136,30 +137,6 @@ impl DeviceMatrix {
             WeightFormat::Affine { bits, .. } => self.cols * bits as usize / 8,
         }
     }
-}
-
-/// Shape of a full-attention layer (the engine's `AttentionShape`).
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionParams {
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub rotary_dim: usize,
-    pub rope_theta: f64,
-    pub gated: bool,
-    pub norm_offset: f32,
-    pub eps: f32,
-}
-
-/// Shape of a GatedDeltaNet layer (the engine's `DeltaNetShape`).
-#[derive(Clone, Copy, Debug)]
-pub struct DeltaNetParams {
-    pub k_heads: usize,
-    pub v_heads: usize,
-    pub k_dim: usize,
-    pub v_dim: usize,
-    pub conv_kernel: usize,
-    pub eps: f32,
 }
 
 /// One GPU: its context, the stream every operation is queued on, and the compiled kernels.
@@ -494,7 +471,7 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
-        p: &AttentionParams,
+        p: &AttentionShape,
         q_norm: &CudaSlice<f32>,
         k_norm: &CudaSlice<f32>,
         q: &CudaSlice<f32>,
@@ -561,7 +538,7 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn delta_net(
         &self,
-        p: &DeltaNetParams,
+        p: &DeltaNetShape,
         conv_w: &CudaSlice<f32>,
         a_log: &CudaSlice<f32>,
         dt_bias: &CudaSlice<f32>,

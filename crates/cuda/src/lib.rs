@@ -13,7 +13,7 @@ mod ptx;
 mod tier;
 
 pub use cudarc::driver::CudaSlice;
-pub use device::{AttentionParams, DeltaNetParams, DeviceMatrix, Gpu};
+pub use device::{DeviceMatrix, Gpu};
 pub use experts::{Bandwidth, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget, VramStats};
 
 /// Why a GPU could not be used or an operation failed.

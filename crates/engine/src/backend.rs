@@ -6,59 +6,7 @@
 
 use anyhow::Result;
 use moe_core::Matrix;
-
-/// Shape and conventions of a full-attention layer.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub rotary_dim: usize,
-    pub rope_theta: f64,
-    /// `q_proj` holds `[query | gate]` per head and the output is multiplied by `sigmoid(gate)`.
-    pub gated: bool,
-    /// 1 for zero-centred q/k norms (`1 + w`), 0 for plain ones.
-    pub norm_offset: f32,
-    pub eps: f32,
-}
-
-impl AttentionShape {
-    pub fn q_width(&self) -> usize {
-        self.heads * self.head_dim * if self.gated { 2 } else { 1 }
-    }
-    pub fn kv_width(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-    pub fn out_width(&self) -> usize {
-        self.heads * self.head_dim
-    }
-}
-
-/// Shape of a GatedDeltaNet layer.
-#[derive(Clone, Copy, Debug)]
-pub struct DeltaNetShape {
-    pub k_heads: usize,
-    pub v_heads: usize,
-    pub k_dim: usize,
-    pub v_dim: usize,
-    pub conv_kernel: usize,
-    pub eps: f32,
-}
-
-impl DeltaNetShape {
-    pub fn key_width(&self) -> usize {
-        self.k_heads * self.k_dim
-    }
-    pub fn value_width(&self) -> usize {
-        self.v_heads * self.v_dim
-    }
-    pub fn conv_width(&self) -> usize {
-        2 * self.key_width() + self.value_width()
-    }
-    pub fn state_len(&self) -> usize {
-        self.v_heads * self.k_dim * self.v_dim
-    }
-}
+pub use moe_core::shapes::{AttentionShape, DeltaNetShape};
 
 /// Small parameters of a DeltaNet layer, resident on the device.
 pub struct DeltaNetParams<'a, B: Backend + ?Sized> {

@@ -14,7 +14,7 @@
 use crate::backend::*;
 use anyhow::Result;
 use moe_core::Matrix;
-use moe_cuda::{AttentionParams, CudaSlice, DeltaNetParams as DeltaNetDims, DeviceMatrix, Gpu};
+use moe_cuda::{CudaSlice, DeviceMatrix, Gpu};
 use moe_store::Budget;
 
 pub use moe_cuda::Error as CudaError;
@@ -201,17 +201,7 @@ impl Backend for CudaBackend {
             past + tokens,
             cache.capacity
         );
-        let p = AttentionParams {
-            heads: s.heads,
-            kv_heads: s.kv_heads,
-            head_dim: s.head_dim,
-            rotary_dim: s.rotary_dim,
-            rope_theta: s.rope_theta,
-            gated: s.gated,
-            norm_offset: s.norm_offset,
-            eps: s.eps,
-        };
-        let r = self.gpu.attention(&p, q_norm, k_norm, q, k, v, &mut cache.k, &mut cache.v, past, tokens, out);
+        let r = self.gpu.attention(s, q_norm, k_norm, q, k, v, &mut cache.k, &mut cache.v, past, tokens, out);
         ok(r, "attention")
     }
 
@@ -224,16 +214,8 @@ impl Backend for CudaBackend {
         tokens: usize,
         out: &mut CudaSlice<f32>,
     ) {
-        let p = DeltaNetDims {
-            k_heads: s.k_heads,
-            v_heads: s.v_heads,
-            k_dim: s.k_dim,
-            v_dim: s.v_dim,
-            conv_kernel: s.conv_kernel,
-            eps: s.eps,
-        };
         let r = self.gpu.delta_net(
-            &p,
+            s,
             params.conv,
             params.a_log,
             params.dt_bias,
