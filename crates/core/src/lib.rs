@@ -8,6 +8,7 @@ pub mod ops;
 pub mod quant;
 pub mod sample;
 pub mod shapes;
+pub mod tier;
 
 pub use bytes::Bytes;
 pub use config::{ConfigError, Family, LayerKind, ModelConfig};

@@ -22,6 +22,7 @@ use crate::tier::Policy;
 use crate::{Context, Error, Gpu, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, PinnedHostSlice};
 use moe_core::Matrix;
+use moe_core::tier::TierStats;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -44,30 +45,6 @@ pub enum VramBudget {
     #[default]
     Auto,
     Bytes(u64),
-}
-
-/// Counters of the tier since it was created or last reset, and what is resident now.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VramStats {
-    pub hits: u64,
-    pub misses: u64,
-    /// Bytes copied host-to-device for misses (with alignment padding).
-    pub bytes_uploaded: u64,
-    pub evictions: u64,
-    pub resident_experts: usize,
-    pub resident_bytes: u64,
-    /// The budget in bytes; `None` while an `auto` budget is not yet resolved (no upload yet).
-    pub budget: Option<u64>,
-}
-
-impl VramStats {
-    pub fn requests(&self) -> u64 {
-        self.hits + self.misses
-    }
-
-    pub fn hit_rate(&self) -> f64 {
-        if self.requests() == 0 { 0.0 } else { self.hits as f64 / self.requests() as f64 }
-    }
 }
 
 /// An uploaded expert.
@@ -315,10 +292,10 @@ impl ExpertTier {
         Ok(buf)
     }
 
-    pub fn stats(&self) -> VramStats {
+    pub fn stats(&self) -> TierStats {
         let s = self.state.lock().unwrap();
         let c = s.cache.as_ref();
-        VramStats {
+        TierStats {
             hits: s.hits,
             misses: s.misses,
             bytes_uploaded: s.bytes_uploaded,

@@ -14,7 +14,7 @@ mod tier;
 
 pub use cudarc::driver::CudaSlice;
 pub use device::{DeviceMatrix, Gpu};
-pub use experts::{Bandwidth, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget, VramStats};
+pub use experts::{Bandwidth, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget};
 
 /// Why a GPU could not be used or an operation failed.
 #[derive(Debug, thiserror::Error)]

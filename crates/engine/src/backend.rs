@@ -7,6 +7,7 @@
 use anyhow::Result;
 use moe_core::Matrix;
 pub use moe_core::shapes::{AttentionShape, DeltaNetShape};
+pub use moe_core::tier::TierStats as ExpertTierStats;
 
 /// Small parameters of a DeltaNet layer, resident on the device.
 pub struct DeltaNetParams<'a, B: Backend + ?Sized> {
@@ -53,20 +54,6 @@ impl<W> ExpertMatrices<W> for [W; 3] {
         let [g, u, d] = self;
         [g, u, d]
     }
-}
-
-/// Counters of a backend's device-memory tier for routed experts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ExpertTierStats {
-    pub hits: u64,
-    pub misses: u64,
-    /// Bytes copied to the device for misses.
-    pub bytes_uploaded: u64,
-    pub evictions: u64,
-    pub resident_experts: usize,
-    pub resident_bytes: u64,
-    /// `None` while an automatic budget is not yet resolved.
-    pub budget: Option<u64>,
 }
 
 pub trait Backend: Send + Sync {

@@ -18,7 +18,7 @@ use moe_cuda::{CudaSlice, DeviceMatrix, Gpu};
 use moe_store::Budget;
 
 pub use moe_cuda::Error as CudaError;
-pub use moe_cuda::{ExpertHandle, VramStats};
+pub use moe_cuda::ExpertHandle;
 
 pub struct CudaBackend {
     gpu: Gpu,
@@ -51,7 +51,7 @@ impl CudaBackend {
     }
 
     /// The VRAM tier's hits, misses, bytes uploaded and residents.
-    pub fn vram_stats(&self) -> VramStats {
+    pub fn vram_stats(&self) -> ExpertTierStats {
         self.tier.stats()
     }
 
@@ -122,16 +122,7 @@ impl Backend for CudaBackend {
     }
 
     fn expert_tier_stats(&self) -> Option<ExpertTierStats> {
-        let s = self.tier.stats();
-        Some(ExpertTierStats {
-            hits: s.hits,
-            misses: s.misses,
-            bytes_uploaded: s.bytes_uploaded,
-            evictions: s.evictions,
-            resident_experts: s.resident_experts,
-            resident_bytes: s.resident_bytes,
-            budget: s.budget,
-        })
+        Some(self.tier.stats())
     }
 
     fn device_bandwidth(&self, seconds: f64) -> Option<(f64, f64)> {
