@@ -5,8 +5,8 @@
 use crate::backend::*;
 use anyhow::{Context, Result, bail};
 use moe_core::{Family, LayerKind, ModelConfig, ops};
-use moe_store::{ExpertSource, ModelFiles, TensorSource};
-use std::collections::BTreeMap;
+use moe_store::{Expert, ExpertSource, ModelFiles, TensorSource};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -391,8 +391,8 @@ impl<B: Backend> Model<B> {
                 r.1.push(w);
             }
         }
-        let ids: Vec<usize> = routes.keys().copied().filter(|&e| !b.has_expert(layer, e)).collect();
-        self.experts.prefetch(layer, &ids);
+        let missing: Vec<usize> = routes.keys().copied().filter(|&e| !b.has_expert(layer, e)).collect();
+        self.experts.prefetch(layer, &missing);
         clock.lap(&mut prof.router);
         // The shared expert runs while the routed experts are read.
         let mut acc = b.zeros(n * c.hidden);
@@ -404,8 +404,15 @@ impl<B: Backend> Model<B> {
             b.expert_ffn(&s.gate, &s.up, &s.down, x, &rows, &scales, &mut acc);
             clock.lap(&mut prof.shared_expert);
         }
+        // One batch request: the store reads whatever is not in RAM yet in parallel (and joins the
+        // reads the prefetch started), so disk reads overlap each other even without a cache.
+        let mut fetched: HashMap<usize, Expert> =
+            missing.iter().copied().zip(self.experts.experts(layer, &missing)?).collect();
+        clock.lap(&mut prof.expert_wait);
         for (e, (rows, scales)) in &routes {
-            let w = b.expert_weights(layer, *e, || Ok(self.experts.expert(layer, *e)?))?;
+            // An expert the device held a moment ago may have been evicted since: fetch it then.
+            let fetch = || Ok(fetched.remove(e).map_or_else(|| self.experts.expert(layer, *e), Ok)?);
+            let w = b.expert_weights(layer, *e, fetch)?;
             let [g, u, d] = w.matrices();
             clock.lap(&mut prof.expert_wait);
             b.expert_ffn(g, u, d, x, rows, scales, &mut acc);
