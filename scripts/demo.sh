@@ -8,8 +8,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] || curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
     PATH="$HOME/.cargo/bin:$PATH"
 fi
-cargo build --release -p flash-moe
 if [ $# -eq 0 ]; then
     set -- --prompt "And God said unto Moses," --max-tokens 120
 fi
-exec target/release/flash-moe generate --stats "$@"
+exec cargo run --release -p flash-moe -- generate --stats "$@"
