@@ -8,76 +8,12 @@
 //! found through `FLASH_MOE_FIXTURES`, else relative to this crate's source, else `tests/fixtures`
 //! under the working directory (test binaries carried to another machine).
 
-use moe_engine::cuda_backend::{CudaBackend, CudaError};
+mod common;
+
+use common::{Reference, argmax, fixture, gpu, reference, rel_l2};
+use moe_engine::cuda_backend::CudaBackend;
 use moe_engine::{CpuBackend, Model};
-use safetensors::SafeTensors;
-use std::io::Write;
-use std::path::PathBuf;
-
-fn gpu(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            let unavailable = e.downcast_ref::<CudaError>().is_some_and(|c| c.is_unavailable());
-            if unavailable && std::env::var_os("FLASH_MOE_REQUIRE_CUDA").is_none() {
-                let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");
-                None
-            } else {
-                panic!("{test}: the CUDA backend failed to open: {e:#}");
-            }
-        }
-    }
-}
-
-fn fixtures() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FLASH_MOE_FIXTURES").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    if here.is_dir() { here } else { PathBuf::from("tests/fixtures") }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    let dir = fixtures().join(name);
-    assert!(dir.join("reference.safetensors").is_file(), "fixture {} is missing", dir.display());
-    dir
-}
-
-struct Reference {
-    ids: Vec<u32>,
-    logits: Vec<f32>,
-}
-
-fn reference(name: &str) -> Reference {
-    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference.safetensors");
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let logits = st
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let ids = st
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    Reference { ids, logits }
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).unwrap().0
-}
+use moe_store::Budget;
 
 fn check(name: &str, what: &str, got: &[f32], r: &Reference, cpu: &[f32], vocab: usize) {
     let err = rel_l2(got, &r.logits);
@@ -91,7 +27,7 @@ fn check(name: &str, what: &str, got: &[f32], r: &Reference, cpu: &[f32], vocab:
 }
 
 fn run_family(test: &str, name: &str) {
-    let Some(g) = gpu(test) else { return };
+    let Some(g) = gpu(test, Budget::Auto) else { return };
     let dir = fixture(name);
     let model: Model<CudaBackend> = moe_engine::load(&dir, None, g).unwrap();
     let cpu: Model<CpuBackend> = moe_engine::load(&dir, None, CpuBackend).unwrap();

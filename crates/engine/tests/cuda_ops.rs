@@ -4,45 +4,15 @@
 //! and returns; with `FLASH_MOE_REQUIRE_CUDA=1` (set by `scripts/gpu-check.sh`) a missing
 //! device fails the test instead.
 
+mod common;
+
+use common::{Rng, gpu};
 use moe_core::format::f32_to_bf16_bits;
 use moe_core::{Bytes, DType, Matrix, WeightFormat};
 use moe_engine::backend::*;
-use moe_engine::cuda_backend::{CudaBackend, CudaError};
+use moe_engine::cuda_backend::CudaBackend;
 use moe_engine::{Backend, CpuBackend};
-use std::io::Write;
-
-/// The GPU backend, or `None` (after saying so) where the machine has none.
-fn gpu(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            let unavailable = e.downcast_ref::<CudaError>().is_some_and(|c| c.is_unavailable());
-            if unavailable && std::env::var_os("FLASH_MOE_REQUIRE_CUDA").is_none() {
-                // Straight to the stream, past the test harness's capture, so CI logs show it.
-                let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");
-                None
-            } else {
-                panic!("{test}: the CUDA backend failed to open: {e:#}");
-            }
-        }
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next_u32(&mut self) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 32) as u32
-    }
-    /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
-        (self.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f() * scale).collect()
-    }
-}
+use moe_store::Budget;
 
 const FORMATS: [WeightFormat; 6] = [
     WeightFormat::Float(DType::F32),
@@ -115,7 +85,7 @@ const TOL: f64 = 1e-3;
 
 #[test]
 fn cuda_matmul_every_format() {
-    let Some(g) = gpu("cuda_matmul_every_format") else { return };
+    let Some(g) = gpu("cuda_matmul_every_format", Budget::Auto) else { return };
     let cpu = CpuBackend;
     let mut rng = Rng(1);
     // (rows, cols): aligned shapes take the vectorised path, odd float shapes the scalar one.
@@ -142,7 +112,7 @@ fn cuda_matmul_every_format() {
 
 #[test]
 fn cuda_embed_every_format() {
-    let Some(g) = gpu("cuda_embed_every_format") else { return };
+    let Some(g) = gpu("cuda_embed_every_format", Budget::Auto) else { return };
     let cpu = CpuBackend;
     let mut rng = Rng(2);
     for format in FORMATS {
@@ -160,7 +130,7 @@ fn cuda_embed_every_format() {
 
 #[test]
 fn cuda_rms_norm_add_select() {
-    let Some(g) = gpu("cuda_rms_norm_add_select") else { return };
+    let Some(g) = gpu("cuda_rms_norm_add_select", Budget::Auto) else { return };
     let cpu = CpuBackend;
     let mut rng = Rng(3);
     for (width, rows, offset) in [(64usize, 5usize, 1.0f32), (4096, 3, 0.0), (17, 9, 1.0)] {
@@ -222,7 +192,7 @@ fn attention_case(g: &CudaBackend, s: AttentionShape, chunks: &[usize], seed: u6
 
 #[test]
 fn cuda_attention() {
-    let Some(g) = gpu("cuda_attention") else { return };
+    let Some(g) = gpu("cuda_attention", Budget::Auto) else { return };
     let shape = |heads, kv_heads, head_dim, rotary_dim, gated, norm_offset| AttentionShape {
         heads,
         kv_heads,
@@ -274,7 +244,7 @@ fn delta_case(g: &CudaBackend, s: DeltaNetShape, chunks: &[usize], seed: u64) {
 
 #[test]
 fn cuda_delta_net() {
-    let Some(g) = gpu("cuda_delta_net") else { return };
+    let Some(g) = gpu("cuda_delta_net", Budget::Auto) else { return };
     let shape = |k_heads, v_heads, k_dim, v_dim, conv_kernel| DeltaNetShape {
         k_heads,
         v_heads,
@@ -291,7 +261,7 @@ fn cuda_delta_net() {
 
 #[test]
 fn cuda_expert_ffn() {
-    let Some(g) = gpu("cuda_expert_ffn") else { return };
+    let Some(g) = gpu("cuda_expert_ffn", Budget::Auto) else { return };
     let cpu = CpuBackend;
     let mut rng = Rng(30);
     for format in [
@@ -323,7 +293,7 @@ fn cuda_expert_ffn() {
 
 #[test]
 fn cuda_buffers_and_errors() {
-    let Some(g) = gpu("cuda_buffers_and_errors") else { return };
+    let Some(g) = gpu("cuda_buffers_and_errors", Budget::Auto) else { return };
     let t = g.tensor(&[1.0, 2.0, 3.0]);
     assert_eq!(g.read(&t, 2), vec![1.0, 2.0]);
     let r = g.resized(&t, 2, 5);

@@ -8,43 +8,16 @@
 //! found through `FLASH_MOE_FIXTURES`, else relative to this crate's source, else `tests/fixtures`
 //! under the working directory (test binaries carried to another machine).
 
+mod common;
+
+use common::{Rng, fixture, gpu, rel_l2};
 use moe_core::format::f32_to_bf16_bits;
 use moe_core::{Bytes, Matrix, WeightFormat};
 use moe_engine::backend::*;
-use moe_engine::cuda_backend::{CudaBackend, CudaError};
+use moe_engine::cuda_backend::CudaBackend;
 use moe_engine::{CpuBackend, Model};
 use moe_store::Budget;
 use std::cell::Cell;
-use std::io::Write;
-use std::path::PathBuf;
-
-fn gpu(test: &str, budget: Budget) -> Option<CudaBackend> {
-    match CudaBackend::with_vram_budget(0, budget) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            let unavailable = e.downcast_ref::<CudaError>().is_some_and(|c| c.is_unavailable());
-            if unavailable && std::env::var_os("FLASH_MOE_REQUIRE_CUDA").is_none() {
-                let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");
-                None
-            } else {
-                panic!("{test}: the CUDA backend failed to open: {e:#}");
-            }
-        }
-    }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    let root = match std::env::var_os("FLASH_MOE_FIXTURES").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-            if here.is_dir() { here } else { PathBuf::from("tests/fixtures") }
-        }
-    };
-    let dir = root.join(name);
-    assert!(dir.join("config.json").is_file(), "fixture {} is missing", dir.display());
-    dir
-}
 
 /// Token ids of a fixed pseudo-random sequence.
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
@@ -153,18 +126,6 @@ fn cuda_vram_logits_identical_qwen3_moe() {
     identical_across_budgets("cuda_vram_logits_identical_qwen3_moe", "qwen3_moe");
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next_u32(&mut self) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 32) as u32
-    }
-    fn f(&mut self) -> f32 {
-        (self.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-    }
-}
-
 /// A random q4 matrix (random codes, scales and biases).
 fn q4(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
     let data: Vec<u8> = (0..rows * cols / 8).flat_map(|_| rng.next_u32().to_le_bytes()).collect();
@@ -180,13 +141,6 @@ fn q4(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
         scales: Bytes::from_vec(scales),
         biases: Bytes::from_vec(biases),
     }
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]

@@ -1,46 +1,10 @@
 //! Whole-model parity with Hugging Face `transformers`: tiny random models of every family,
 //! saved in bf16 by `scripts/make_fixtures.py`, with float32 reference logits.
 
+mod common;
+
+use common::{Reference, argmax, fixture, reference, rel_l2};
 use moe_engine::{CpuBackend, Model};
-use safetensors::SafeTensors;
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
-}
-
-struct Reference {
-    ids: Vec<u32>,
-    logits: Vec<f32>,
-    hidden: Vec<f32>,
-}
-
-fn reference(name: &str) -> Reference {
-    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference.safetensors");
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let f32s = |n: &str| -> Vec<f32> {
-        st.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    };
-    let ids = st
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    Reference { ids, logits: f32s("logits"), hidden: f32s("hidden_states") }
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).unwrap().0
-}
 
 fn check(name: &str, a: &[f32], r: &Reference, vocab: usize, what: &str) {
     let err = rel_l2(a, &r.logits);

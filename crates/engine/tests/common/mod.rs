@@ -1,0 +1,102 @@
+//! Helpers shared by the engine's integration tests: the fixtures and their `transformers`
+//! references, error measures, a seeded generator, and the GPU (or a clear skip without one).
+#![allow(dead_code)] // each test binary uses its own subset
+
+use moe_engine::cuda_backend::{CudaBackend, CudaError};
+use moe_store::Budget;
+use safetensors::SafeTensors;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// The GPU backend, or `None` after printing "SKIPPED <test>: no CUDA device" straight to stderr
+/// (past the harness's capture, so CI logs show it). With `FLASH_MOE_REQUIRE_CUDA=1` a missing
+/// device fails the test instead.
+pub fn gpu(test: &str, budget: Budget) -> Option<CudaBackend> {
+    match CudaBackend::with_vram_budget(0, budget) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            let unavailable = e.downcast_ref::<CudaError>().is_some_and(|c| c.is_unavailable());
+            if unavailable && std::env::var_os("FLASH_MOE_REQUIRE_CUDA").is_none() {
+                let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");
+                None
+            } else {
+                panic!("{test}: the CUDA backend failed to open: {e:#}");
+            }
+        }
+    }
+}
+
+/// `tests/fixtures`: from `FLASH_MOE_FIXTURES`, else beside this crate's source, else under the
+/// working directory (test binaries carried to another machine).
+pub fn fixture(name: &str) -> PathBuf {
+    let root = match std::env::var_os("FLASH_MOE_FIXTURES").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+            if here.is_dir() { here } else { PathBuf::from("tests/fixtures") }
+        }
+    };
+    let dir = root.join(name);
+    assert!(dir.join("config.json").is_file(), "fixture {} is missing", dir.display());
+    dir
+}
+
+/// The reference `transformers` computed for a fixture (f32 forward of its bf16 weights).
+pub struct Reference {
+    pub ids: Vec<u32>,
+    /// `[tokens, vocab]`.
+    pub logits: Vec<f32>,
+    /// `[layers + 1, tokens, hidden]`: embeddings, the residual after each layer, and (last)
+    /// the output of the final norm.
+    pub hidden: Vec<f32>,
+}
+
+pub fn reference(name: &str) -> Reference {
+    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference.safetensors");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |n: &str| -> Vec<f32> {
+        st.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    };
+    let ids = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    Reference { ids, logits: f32s("logits"), hidden: f32s("hidden_states") }
+}
+
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Index of the largest value, ties to the lowest index.
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).unwrap().0
+}
+
+/// Top-1 agreement of two `[positions, vocab]` logit arrays.
+pub fn top1_agreement(a: &[f32], b: &[f32], vocab: usize) -> usize {
+    a.chunks(vocab).zip(b.chunks(vocab)).filter(|(x, y)| argmax(x) == argmax(y)).count()
+}
+
+/// A small seeded generator (an LCG) for random test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 32) as u32
+    }
+    /// Uniform in [-1, 1).
+    pub fn f(&mut self) -> f32 {
+        (self.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f() * scale).collect()
+    }
+}
