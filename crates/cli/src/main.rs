@@ -24,6 +24,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Chat with the model in the terminal; the conversation state is kept across turns.
     Chat(commands::chat::Args),
+    /// Serve an OpenAI-compatible HTTP API (chat and text completions, streaming).
+    Serve(commands::serve::Args),
     /// Measure decode speed against the machine's disk and memory bandwidth (the roofline).
     Bench(commands::bench::Args),
     /// Describe a model directory: family, dimensions, tensors and bytes.
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
+        Command::Serve(a) => commands::serve::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Verify(a) => commands::verify::run(a),
         Command::Synth(a) => commands::synth::run(a),

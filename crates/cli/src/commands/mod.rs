@@ -5,6 +5,7 @@ pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod sampling;
+pub mod serve;
 pub mod synth;
 pub mod verify;
 
