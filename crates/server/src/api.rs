@@ -300,8 +300,9 @@ fn to_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
 
 // ---- handlers --------------------------------------------------------------------------------
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+async fn health(State(st): State<Shared>) -> Json<Value> {
+    let (requests, generated_tokens) = st.engine.counts();
+    Json(json!({"status": "ok", "requests_served": requests, "generated_tokens": generated_tokens}))
 }
 
 async fn models(State(st): State<Shared>) -> Json<Value> {

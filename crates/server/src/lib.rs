@@ -13,7 +13,8 @@ use moe_engine::chat_template::Message;
 use moe_engine::generate::{Conversation, GenerateParams, StopReason};
 use moe_engine::tokenizer::Tokenizer;
 use moe_engine::{Backend, Model};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use tokio::sync::mpsc::UnboundedSender;
 
 pub use api::router;
@@ -49,6 +50,7 @@ pub enum Event {
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: mpsc::Sender<Job>,
+    counters: Arc<Counters>,
 }
 
 impl EngineHandle {
@@ -56,42 +58,65 @@ impl EngineHandle {
     pub fn submit(&self, job: Job) -> bool {
         self.jobs.send(job).is_ok()
     }
-}
 
-/// A job queue: the handle for the HTTP side, the receiver for [`run_engine`].
-pub fn engine_channel() -> (EngineHandle, mpsc::Receiver<Job>) {
-    let (tx, rx) = mpsc::channel();
-    (EngineHandle { jobs: tx }, rx)
-}
-
-/// Serves jobs one at a time until every [`EngineHandle`] is dropped.
-pub fn run_engine<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, jobs: &mpsc::Receiver<Job>) {
-    while let Ok(job) = jobs.recv() {
-        run_job(model, tokenizer, job);
+    /// Jobs finished and tokens generated since the engine started (for `/health`).
+    pub fn counts(&self) -> (u64, u64) {
+        (self.counters.jobs.load(Ordering::Relaxed), self.counters.generated_tokens.load(Ordering::Relaxed))
     }
 }
 
-fn run_job<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, job: Job) {
+#[derive(Default)]
+struct Counters {
+    jobs: AtomicU64,
+    generated_tokens: AtomicU64,
+}
+
+/// The engine's side of the job queue.
+pub struct EngineQueue {
+    jobs: mpsc::Receiver<Job>,
+    counters: Arc<Counters>,
+}
+
+/// A job queue: the handle for the HTTP side, the queue for [`run_engine`].
+pub fn engine_channel() -> (EngineHandle, EngineQueue) {
+    let (tx, rx) = mpsc::channel();
+    let counters = Arc::new(Counters::default());
+    (EngineHandle { jobs: tx, counters: counters.clone() }, EngineQueue { jobs: rx, counters })
+}
+
+/// Serves jobs one at a time until every [`EngineHandle`] is dropped.
+pub fn run_engine<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, queue: &EngineQueue) {
+    while let Ok(job) = queue.jobs.recv() {
+        let generated = run_job(model, tokenizer, job);
+        queue.counters.generated_tokens.fetch_add(generated as u64, Ordering::Relaxed);
+        queue.counters.jobs.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs one job; the number of tokens it generated.
+fn run_job<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, job: Job) -> usize {
     let reply = job.reply;
     let fail = |message: String, client: bool| {
         let _ = reply.send(Event::Error { message, client });
     };
     let prompt = match encode(tokenizer, &job.input) {
         Ok(p) => p,
-        Err(e) => return fail(e, true),
+        Err(e) => {
+            fail(e, true);
+            return 0;
+        }
     };
     let context = model.config.max_positions;
     if prompt.is_empty() {
-        return fail("the prompt is empty".into(), true);
+        fail("the prompt is empty".into(), true);
+        return 0;
     }
     if prompt.len() >= context {
-        return fail(
-            format!("the prompt is {} tokens long but the model's context holds {context}", prompt.len()),
-            true,
-        );
+        fail(format!("the prompt is {} tokens long but the model's context holds {context}", prompt.len()), true);
+        return 0;
     }
     if reply.send(Event::Started { prompt_tokens: prompt.len() }).is_err() {
-        return;
+        return 0;
     }
     let mut conv = Conversation::new(model, tokenizer);
     let mut sampler = Sampler::new(job.params.sampling.clone());
@@ -111,8 +136,12 @@ fn run_job<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, job: Job) {
                 stats.generated_tokens
             };
             let _ = reply.send(Event::Done { prompt_tokens: prompt.len(), completion_tokens, finish_reason });
+            stats.generated_tokens
         }
-        Err(e) => fail(format!("generation failed: {e:#}"), false),
+        Err(e) => {
+            fail(format!("generation failed: {e:#}"), false);
+            0
+        }
     }
 }
 
