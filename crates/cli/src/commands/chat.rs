@@ -1,5 +1,5 @@
 use super::ModelArgs;
-use super::sampling::SamplingArgs;
+use super::sampling::{SamplingArgs, ThinkingArgs};
 use anyhow::{Result, bail};
 use moe_core::sample::Sampler;
 use moe_engine::chat_template::Message;
@@ -17,11 +17,8 @@ pub struct Args {
     /// System prompt for the conversation.
     #[arg(long)]
     system: Option<String>,
-    /// Let the model think before answering (Qwen3.5 templates).
-    #[arg(long, conflicts_with = "no_think")]
-    think: bool,
-    #[arg(long)]
-    no_think: bool,
+    #[command(flatten)]
+    thinking: ThinkingArgs,
     /// Hide the thinking instead of showing it dimmed.
     #[arg(long)]
     hide_thinking: bool,
@@ -81,13 +78,7 @@ fn chat<B: Backend>(a: &Args, model: &Model<B>, tokenizer: &Tokenizer) -> Result
     let mut conv = Conversation::new(model, tokenizer);
     let params = a.sampling.params();
     let mut sampler = Sampler::new(params.sampling.clone());
-    let thinking = if a.think {
-        Some(true)
-    } else if a.no_think {
-        Some(false)
-    } else {
-        None
-    };
+    let thinking = a.thinking.enable_thinking();
     let mut system = a.system.clone();
     let mut last = None;
     let mut input = Input::open()?;

@@ -1,5 +1,5 @@
 use super::ModelArgs;
-use super::sampling::SamplingArgs;
+use super::sampling::{SamplingArgs, ThinkingArgs};
 use anyhow::{Context, Result, bail};
 use moe_core::sample::Sampler;
 use moe_engine::chat_template::Message;
@@ -26,17 +26,17 @@ pub struct Args {
     /// System prompt for --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// Let the model think first (Qwen3.5 templates; with --chat).
-    #[arg(long, requires = "chat", conflicts_with = "no_think")]
-    think: bool,
-    #[arg(long, requires = "chat")]
-    no_think: bool,
+    #[command(flatten)]
+    thinking: ThinkingArgs,
     /// Print timing and expert statistics at the end.
     #[arg(long)]
     stats: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if !a.chat && a.thinking.enable_thinking().is_some() {
+        bail!("--think and --no-think apply to --chat prompts");
+    }
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
@@ -61,14 +61,7 @@ fn generate<B: Backend>(a: &Args, model: &Model<B>, tokenizer: &Tokenizer, promp
     let ids = if a.chat {
         let mut msgs: Vec<Message> = a.system.iter().map(Message::system).collect();
         msgs.push(Message::user(prompt));
-        let thinking = if a.think {
-            Some(true)
-        } else if a.no_think {
-            Some(false)
-        } else {
-            None
-        };
-        conv.chat_prompt(&msgs, thinking)?
+        conv.chat_prompt(&msgs, a.thinking.enable_thinking())?
     } else {
         print!("{prompt}");
         tokenizer.encode(prompt, false)?

@@ -53,3 +53,25 @@ impl SamplingArgs {
         GenerateParams { max_tokens: self.max_tokens, sampling, stop: self.stop.clone() }
     }
 }
+
+/// Qwen3.5's reasoning switch, shared by `generate --chat` and `chat`.
+#[derive(Args, Clone, Debug)]
+pub struct ThinkingArgs {
+    /// Let the model think before answering (Qwen3.5 templates; otherwise the template's default).
+    #[arg(long, conflicts_with = "no_think")]
+    pub think: bool,
+    /// Answer without thinking.
+    #[arg(long)]
+    pub no_think: bool,
+}
+
+impl ThinkingArgs {
+    /// The template's `enable_thinking`: `None` leaves the template's default.
+    pub fn enable_thinking(&self) -> Option<bool> {
+        match (self.think, self.no_think) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+}
