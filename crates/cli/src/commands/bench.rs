@@ -35,25 +35,29 @@ pub fn run(a: Args) -> Result<()> {
     let disk = probe::disk_read_bandwidth(&disk_files, expert_bytes, a.model.io_threads, probe_time)
         .context("measuring the disk")?;
     let dram_gbps = probe::memory_read_bandwidth(1 << 30, threads);
+    // Bytes of resident weights one token reads: everything dense except the embedding table,
+    // of which it reads one row (unless the table is also the output head).
+    let c = &files.config;
+    let embed = files.tensors.matrix("embed_tokens.weight", c.vocab, c.hidden)?.byte_len();
+    let dense_per_token = files.tensors.dense_bytes() - if c.tie_embeddings { 0 } else { embed - embed / c.vocab };
     drop(files);
 
-    super::with_model!(a.model.load()?, m => decode(&a, &m, disk, dram_gbps, threads))
+    let machine = Machine { disk, dram_gbps, threads, dense_per_token };
+    super::with_model!(a.model.load()?, m => decode(&a, &m, &machine))
 }
 
-fn decode<B: Backend>(
-    a: &Args,
-    model: &Model<B>,
+/// What the probes measured and the dense bytes a token reads.
+struct Machine {
     disk: probe::DiskBandwidth,
     dram_gbps: f64,
     threads: usize,
-) -> Result<()> {
+    dense_per_token: usize,
+}
+
+fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<()> {
+    let Machine { disk, dram_gbps, threads, dense_per_token } = *machine;
     let expert_bytes = model.experts().expert_bytes();
     let c = model.config.clone();
-    // Bytes of resident weights one token reads: everything dense except the embedding table,
-    // of which it reads one row (unless the table is also the output head).
-    let tensors = moe_store::open(&a.model.model)?.tensors;
-    let embed = tensors.matrix("embed_tokens.weight", c.vocab, c.hidden)?.byte_len();
-    let dense_per_token = tensors.dense_bytes() - if c.tie_embeddings { 0 } else { embed - embed / c.vocab };
 
     let prompt: Vec<u32> = (0..a.prompt_tokens.max(1) as u32).map(|i| (i * 7919 + 13) % c.vocab as u32).collect();
     let mut session = model.new_session();
