@@ -173,22 +173,7 @@ fn synthetic_models_of_every_preset_run() {
     let tmp = tempfile::tempdir().unwrap();
     for preset in SynthShape::PRESETS {
         let real = SynthShape::preset(preset).unwrap();
-        let hybrid = real.family != Family::Qwen3Moe;
-        let shape = SynthShape {
-            hidden: 128,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 32,
-            delta_k_heads: if hybrid { 2 } else { 0 },
-            delta_v_heads: if hybrid { 4 } else { 0 },
-            delta_k_dim: if hybrid { 32 } else { 0 },
-            delta_v_dim: if hybrid { 32 } else { 0 },
-            experts: 16,
-            expert_inter: 64,
-            shared_inter: real.shared_inter.map(|_| 64),
-            vocab: 512,
-            ..real
-        };
+        let shape = real.miniature(16, real.top_k, 512);
         for (experts, dense) in [(ExpertFormat::Q4, DenseFormat::Q8), (ExpertFormat::Q2, DenseFormat::Bf16)] {
             let out = tmp.path().join(format!("{preset}-{}", experts.name()));
             write_synthetic(&shape, 4, experts, dense, &out, 3, false, &mut |_, _| {}).unwrap();

@@ -53,6 +53,29 @@ impl SynthShape {
     pub const PRESETS: [&'static str; 5] =
         ["qwen3.5-397b", "qwen3.5-122b", "qwen3.5-35b", "qwen3-next-80b", "qwen3-30b"];
 
+    /// The same family and layer structure at toy sizes (hidden 128, 4/2 heads of 32, DeltaNet
+    /// 2/4 heads of 32, experts 64 wide), for tests and smoke runs.
+    pub fn miniature(&self, experts: usize, top_k: usize, vocab: usize) -> SynthShape {
+        let hybrid = self.family != Family::Qwen3Moe;
+        let if_hybrid = |n: usize| if hybrid { n } else { 0 };
+        SynthShape {
+            hidden: 128,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            delta_k_heads: if_hybrid(2),
+            delta_v_heads: if_hybrid(4),
+            delta_k_dim: if_hybrid(32),
+            delta_v_dim: if_hybrid(32),
+            experts,
+            top_k,
+            expert_inter: 64,
+            shared_inter: self.shared_inter.map(|_| 64),
+            vocab,
+            ..self.clone()
+        }
+    }
+
     /// Qwen3.5-397B-A17B, Qwen3.5-122B-A10B, Qwen3.5-35B-A3B, Qwen3-Next-80B-A3B or Qwen3-30B-A3B.
     pub fn preset(name: &str) -> Option<SynthShape> {
         #[rustfmt::skip]

@@ -8,24 +8,7 @@ use std::path::Path;
 
 /// A preset's family and layer structure at toy width, so the tests stay fast.
 fn tiny(preset: &str) -> SynthShape {
-    let real = SynthShape::preset(preset).unwrap();
-    let hybrid = real.family != Family::Qwen3Moe;
-    SynthShape {
-        hidden: 128,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 32,
-        delta_k_heads: if hybrid { 2 } else { 0 },
-        delta_v_heads: if hybrid { 4 } else { 0 },
-        delta_k_dim: if hybrid { 32 } else { 0 },
-        delta_v_dim: if hybrid { 32 } else { 0 },
-        experts: 8,
-        top_k: 2,
-        expert_inter: 64,
-        shared_inter: real.shared_inter.map(|_| 64),
-        vocab: 256,
-        ..real
-    }
+    SynthShape::preset(preset).unwrap().miniature(8, 2, 256)
 }
 
 fn manifest(dir: &Path) -> Manifest {
