@@ -6,9 +6,10 @@
 #                                    # release; copy the test executables into .carry/gpu/ and the
 #                                    # binary into .carry/bin/ (carry both)
 #   scripts/gpu-check.sh             # on the GPU machine: run every executable in .carry/gpu/
-#   scripts/gpu-check.sh --bench L   # ... then the benchmarks on a synthetic qwen3.5-397b of L
+#   scripts/gpu-check.sh --bench L   # ... then the benchmarks: the decode kernels' bandwidth
+#                                    # (kernel_bench), and decoding a synthetic qwen3.5-397b of L
 #                                    # layers (q4 experts, q8 dense): experts in GPU memory, from
-#                                    # RAM (pinned staging), on the CPU backend, from disk (cold)
+#                                    # RAM (pinned), on the CPU backend, from disk (cold)
 #
 # The run step builds nothing. It requires a GPU (FLASH_MOE_REQUIRE_CUDA=1 turns the tests'
 # "SKIPPED ... no CUDA device" into failures), uses a fresh PTX cache (so the first test binary
@@ -41,9 +42,12 @@ if [[ "${1:-}" == "--prepare" ]]; then
     done
     rm -f "$json"
     cargo build --release -p flash-moe
+    cargo build --release -p moe-cuda --example kernel_bench
     mkdir -p "$root/.carry/bin"
-    objcopy --strip-debug target/release/flash-moe "$root/.carry/bin/flash-moe"
-    echo "carried flash-moe ($(du -h "$root/.carry/bin/flash-moe" | cut -f1)) in .carry/bin"
+    for b in flash-moe examples/kernel_bench; do
+        objcopy --strip-debug "target/release/$b" "$root/.carry/bin/$(basename "$b")"
+        echo "carried $(basename "$b") ($(du -h "$root/.carry/bin/$(basename "$b")" | cut -f1)) in .carry/bin"
+    done
     exit 0
 fi
 
@@ -93,18 +97,20 @@ bench() {
         echo "= exit ${PIPESTATUS[0]} after $(($(date +%s) - t0))s" | tee -a "$blog"
     }
     uname -a >>"$blog"
+    chmod +x "$root/.carry/bin/kernel_bench" 2>/dev/null || true
+    step 120 "$root/.carry/bin/kernel_bench"
     free -g | tee -a "$blog"
     df -h "$dir" | tee -a "$blog"
     step 150 "$bin" synth --shape qwen3.5-397b --layers "$layers" --experts q4 --dense q8 --out "$model" --force
     local common=(--model "$model" --probe-seconds 1)
-    # 1. Every expert in GPU memory: a 512-token prefill touches each expert of each layer (it
-    #    reads them through the page cache), then decoding hits the VRAM tier only.
-    step 120 "$bin" bench "${common[@]}" --device cuda --vram-budget auto --ram-budget 0 --no-direct-io \
-        --prompt-tokens 512 --tokens 32
+    # 1. Every expert in GPU memory: they all fit the budget, so loading the model uploads them
+    #    (through the page cache), and decoding routes on the GPU without copying anything back.
+    step 150 "$bin" bench "${common[@]}" --device cuda --vram-budget auto --ram-budget 0 --no-direct-io \
+        --prompt-tokens 16 --tokens 64
     nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$blog"
     # 2. No VRAM tier: every expert from the RAM tier through pinned staging and the copy engine.
     step 120 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget auto --no-direct-io \
-        --prompt-tokens 512 --tokens 32
+        --prompt-tokens 256 --tokens 32
     # 3. The CPU backend on the same model, experts from RAM.
     step 90 "$bin" bench "${common[@]}" --device cpu --ram-budget auto --no-direct-io --prompt-tokens 8 --tokens 8
     # 4. Cold: page cache dropped, every expert from disk (O_DIRECT) each time it is used.

@@ -1,13 +1,13 @@
 // Matrix products `out[t] = W x[t]` over every weight format, and the embedding lookup.
 // `x` is [tokens, cols], `out` is [tokens, rows], both row-major f32.
 
-// ---- Few tokens: one warp per weight row, 16-byte loads, each weight chunk decoded once and
-// used for up to MV_TOKENS tokens at a time.
+// ---- Few tokens: one warp per weight row, 16-byte streaming loads several in flight, each weight
+// chunk decoded once and used for up to NT tokens (1 for decode, MV_TOKENS for short batches).
 
 #define MV_TOKENS 8
 #define MV_WARPS 8
 
-template <int F>
+template <int F, int NT>
 __device__ __forceinline__ void matvec_impl(const u8* __restrict__ data, const u16* __restrict__ scales,
                                             const u16* __restrict__ biases, int rows, int cols,
                                             const float* __restrict__ x, int tokens, float* __restrict__ out,
@@ -15,55 +15,28 @@ __device__ __forceinline__ void matvec_impl(const u8* __restrict__ data, const u
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
     if (row >= rows) return;
-    const int E = Chunk<F>::E;
     const u64 row_bytes = (u64)cols * Fmt<F>::BITS / 8;
     const int groups = cols / GROUP;
-    for (int t0 = 0; t0 < tokens; t0 += MV_TOKENS) {
-        const int nt = min(MV_TOKENS, tokens - t0);
-        float acc[MV_TOKENS];
+    const u16* sc = Fmt<F>::AFFINE ? scales + (u64)row * groups : scales;
+    const u16* bi = Fmt<F>::AFFINE ? biases + (u64)row * groups : biases;
+    for (int t0 = 0; t0 < tokens; t0 += NT) {
+        const int nt = min(NT, tokens - t0);
+        float acc[NT];
 #pragma unroll
-        for (int t = 0; t < MV_TOKENS; t++) acc[t] = 0.0f;
+        for (int t = 0; t < NT; t++) acc[t] = 0.0f;
         const float* xt = x + (u64)t0 * cols;
         if (vec) {
-            const uint4* wrow = (const uint4*)(data + (u64)row * row_bytes);
-            const int chunks = (int)(row_bytes / 16);
-            for (int c = lane; c < chunks; c += 32) {
-                const uint4 raw = __ldg(wrow + c);
-                float s = 0.0f, b = 0.0f;
-                if (Fmt<F>::AFFINE) {
-                    const u64 g = (u64)row * groups + (c * E) / GROUP;
-                    s = bf16_to_f32(scales[g]);
-                    b = bf16_to_f32(biases[g]);
-                }
-                float w[E];
-                decode_chunk<F>(raw, s, b, w);
-#pragma unroll
-                for (int t = 0; t < MV_TOKENS; t++) {
-                    if (t < nt) {
-                        const float4* xv = (const float4*)(xt + (u64)t * cols + c * E);
-                        float a = acc[t];
-#pragma unroll
-                        for (int i = 0; i < E / 4; i++) {
-                            const float4 v = __ldg(xv + i);
-                            a = fmaf(w[4 * i], v.x, a);
-                            a = fmaf(w[4 * i + 1], v.y, a);
-                            a = fmaf(w[4 * i + 2], v.z, a);
-                            a = fmaf(w[4 * i + 3], v.w, a);
-                        }
-                        acc[t] = a;
-                    }
-                }
-            }
+            row_dot<F, NT>(data + (u64)row * row_bytes, sc, bi, (int)(row_bytes / 16), xt, cols, nt, acc);
         } else {
             for (int k = lane; k < cols; k += 32) {
                 const float w = weight_at<F>(data, scales, biases, row, cols, k);
 #pragma unroll
-                for (int t = 0; t < MV_TOKENS; t++)
+                for (int t = 0; t < NT; t++)
                     if (t < nt) acc[t] = fmaf(w, xt[(u64)t * cols + k], acc[t]);
             }
         }
 #pragma unroll
-        for (int t = 0; t < MV_TOKENS; t++) {
+        for (int t = 0; t < NT; t++) {
             if (t < nt) {
                 const float v = warp_sum(acc[t]);
                 if (lane == 0) out[(u64)(t0 + t) * rows + row] = v;
@@ -150,7 +123,13 @@ __device__ __forceinline__ void embed_impl(const u8* data, const u16* scales, co
     extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                                   \
         matvec_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x,  \
                       int tokens, float* out, int vec) {                                                           \
-        matvec_impl<F>(data, scales, biases, rows, cols, x, tokens, out, vec);                                     \
+        matvec_impl<F, MV_TOKENS>(data, scales, biases, rows, cols, x, tokens, out, vec);                         \
+    }                                                                                                              \
+    /* One token (decode): a kernel of its own, so that it gets the registers of one accumulator. */               \
+    extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                                   \
+        matvec1_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x, \
+                       int tokens, float* out, int vec) {                                                          \
+        matvec_impl<F, 1>(data, scales, biases, rows, cols, x, tokens, out, vec);                                 \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                                             \
         matmul_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x,  \

@@ -2,7 +2,9 @@
 
 use crate::{Context, Error, Result, loader, ptx};
 use cudarc::driver::sys::CUresult;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use moe_core::shapes::{AttentionShape, DeltaNetShape};
 use moe_core::{DType, Matrix, WeightFormat};
 use std::collections::HashMap;
@@ -17,6 +19,12 @@ pub(crate) const KERNELS: &[&str] = &[
     "matvec_q8",
     "matvec_q4",
     "matvec_q2",
+    "matvec1_f32",
+    "matvec1_f16",
+    "matvec1_bf16",
+    "matvec1_q8",
+    "matvec1_q4",
+    "matvec1_q2",
     "matmul_f32",
     "matmul_f16",
     "matmul_bf16",
@@ -41,6 +49,19 @@ pub(crate) const KERNELS: &[&str] = &[
     "dn_qk_norm",
     "dn_recurrence",
     "dn_gated_norm",
+    "route_topk",
+    "moe_gate_up_f32",
+    "moe_gate_up_f16",
+    "moe_gate_up_bf16",
+    "moe_gate_up_q8",
+    "moe_gate_up_q4",
+    "moe_gate_up_q2",
+    "moe_down_f32",
+    "moe_down_f16",
+    "moe_down_bf16",
+    "moe_down_q8",
+    "moe_down_q4",
+    "moe_down_q2",
 ];
 
 /// Up to this many tokens a matrix product runs as warp-per-row matvecs (weights read once per
@@ -274,6 +295,42 @@ impl Gpu {
         self.stream.clone_htod(values).what("copying to the device")
     }
 
+    /// A buffer of `len` values that the next kernel overwrites entirely (no fill).
+    pub fn uninit(&self, len: usize) -> Result<CudaSlice<f32>> {
+        if len == 0 {
+            return self.stream.null().what("allocating");
+        }
+        // SAFETY: callers write every value before any is read (see `Backend::scratch`).
+        unsafe { self.stream.alloc(len) }.what("allocating")
+    }
+
+    pub fn zeros_i32(&self, len: usize) -> Result<CudaSlice<i32>> {
+        self.stream.alloc_zeros(len.max(1)).what("allocating")
+    }
+
+    /// Page-locked host memory, the destination of [`read_ids`](Self::read_ids).
+    pub fn pinned_i32(&self, len: usize) -> Result<PinnedHostSlice<i32>> {
+        // SAFETY: zero bits are valid i32 values; the contents are only read after a copy.
+        unsafe { self.ctx.alloc_pinned(len.max(1)) }.what("allocating pinned memory")
+    }
+
+    /// The first `len` values of `ids`, through `host`, waiting for that copy (and the work queued
+    /// before it) but not for anything queued later.
+    pub fn read_ids<'a>(
+        &self,
+        ids: &CudaSlice<i32>,
+        len: usize,
+        host: &'a mut PinnedHostSlice<i32>,
+    ) -> Result<&'a [i32]> {
+        assert!(len <= ids.len() && len <= host.len(), "read_ids: {len} values");
+        self.stream.memcpy_dtoh(&ids.slice(0..len), host).what("copying to the host")?;
+        Ok(&host.as_slice().what("waiting for a copy to the host")?[..len])
+    }
+
+    pub fn upload_u64(&self, values: &[u64]) -> Result<CudaSlice<u64>> {
+        self.stream.clone_htod(values).what("copying to the device")
+    }
+
     fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
         self.stream.clone_htod(values).what("copying to the device")
     }
@@ -368,12 +425,18 @@ impl Gpu {
         let (data, sc, bi) = self.parts(w);
         let sfx = w.suffix();
         if tokens <= MATVEC_MAX_TOKENS {
-            let f = self.f(match sfx {
-                "f32" => "matvec_f32",
-                "f16" => "matvec_f16",
-                "bf16" => "matvec_bf16",
-                "q8" => "matvec_q8",
-                "q4" => "matvec_q4",
+            let f = self.f(match (tokens, sfx) {
+                (1, "f32") => "matvec1_f32",
+                (1, "f16") => "matvec1_f16",
+                (1, "bf16") => "matvec1_bf16",
+                (1, "q8") => "matvec1_q8",
+                (1, "q4") => "matvec1_q4",
+                (1, _) => "matvec1_q2",
+                (_, "f32") => "matvec_f32",
+                (_, "f16") => "matvec_f16",
+                (_, "bf16") => "matvec_bf16",
+                (_, "q8") => "matvec_q8",
+                (_, "q4") => "matvec_q4",
                 _ => "matvec_q2",
             });
             let vec = w.vectorised() as i32;
@@ -569,7 +632,7 @@ impl Gpu {
         assert!(conv_w.len() >= cw * kk && conv_state.len() >= (kk - 1) * cw, "delta_net: conv buffers too small");
         assert!(ssm.len() >= vh * dk * dv && out.len() >= tokens * vw, "delta_net: state/output too small");
         assert!(a_log.len() >= vh && dt_bias.len() >= vh && norm.len() >= dv, "delta_net: parameters too small");
-        let mut mixed = self.zeros(tokens * cw)?;
+        let mut mixed = self.uninit(tokens * cw)?;
         let (cw_i, kk_i, t_i) = (i32_of(cw, "conv_width"), i32_of(kk, "kernel"), i32_of(tokens, "tokens"));
         let (kh_i, vh_i, dk_i, dv_i) =
             (i32_of(kh, "k_heads"), i32_of(vh, "v_heads"), i32_of(dk, "k_dim"), i32_of(dv, "v_dim"));
@@ -638,12 +701,12 @@ impl Gpu {
         let (h_i, n_i) = (i32_of(h, "hidden"), i32_of(n, "rows"));
         let row_cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
 
-        let mut xs = self.zeros(n * h)?;
+        let mut xs = self.uninit(n * h)?;
         let mut b = self.stream.launch_builder(self.f("gather_rows"));
         b.arg(x).arg(&idx).arg(&h_i).arg(&n_i).arg(&mut xs);
         unsafe { b.launch(row_cfg) }.what("launching gather_rows")?;
 
-        let (mut g, mut u, mut y) = (self.zeros(n * inter)?, self.zeros(n * inter)?, self.zeros(n * h)?);
+        let (mut g, mut u, mut y) = (self.uninit(n * inter)?, self.uninit(n * inter)?, self.uninit(n * h)?);
         self.matmul(gate, &xs, n, &mut g)?;
         self.matmul(up, &xs, n, &mut u)?;
         let len = (n * inter) as u64;
@@ -655,6 +718,179 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.f("scatter_add"));
         b.arg(acc).arg(&y).arg(&idx).arg(&sc).arg(&h_i).arg(&n_i);
         unsafe { b.launch(row_cfg) }.what("launching scatter_add")?;
+        Ok(())
+    }
+}
+
+/// Most experts one fused MoE launch takes (`MOE_MAX_SLOTS` in moe.cu).
+pub const MOE_MAX_SLOTS: usize = 16;
+/// Most router outputs the device top-k handles (32 per lane of one warp; `ROUTE_PER_LANE`).
+pub const ROUTE_MAX_EXPERTS: usize = 32 * 32;
+
+/// `MoeSlots` of moe.cu: part `p` of slot `k` is at `base[k] + off[p]`, or `table[ids[k]] + off[p]`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MoeSlotsArg {
+    base: [u64; MOE_MAX_SLOTS],
+    off: [u64; 9],
+    table: u64,
+    ids: u64,
+}
+
+// SAFETY: plain old data with the layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for MoeSlotsArg {}
+
+/// The experts of one fused MoE launch ([`Gpu::moe_token`]).
+pub enum MoeExperts<'a> {
+    /// These experts (gate, up, down), slot by slot.
+    Listed(&'a [[&'a DeviceMatrix; 3]]),
+    /// `slots` experts chosen on the device: slot `k` is expert `ids[k]`, whose gate codes start at
+    /// `table[ids[k]]`, with its other parts where `like`'s are relative to its gate codes (every
+    /// expert of a layer has the same layout).
+    Table { table: &'a CudaSlice<u64>, ids: &'a CudaSlice<i32>, slots: usize, like: [&'a DeviceMatrix; 3] },
+}
+
+impl DeviceMatrix {
+    /// Device addresses of the codes, scales and biases (0 for the absent parts of float formats).
+    pub fn part_ptrs(&self, gpu: &Gpu) -> [u64; 3] {
+        let (base, _sync) = self.buf.device_ptr(&gpu.stream);
+        let at = |r: &Option<Range<usize>>| r.as_ref().map_or(0, |r| base + r.start as u64);
+        [base + self.data.start as u64, at(&self.scales), at(&self.biases)]
+    }
+}
+
+/// The address of an expert's gate codes, and the addresses of its parts relative to it (what
+/// [`MoeExperts::Table`] needs: a table holds the first, every expert of a layer shares the second).
+pub fn expert_offsets(gpu: &Gpu, e: &[&DeviceMatrix; 3]) -> (u64, [u64; 9]) {
+    let p: Vec<u64> = e.iter().flat_map(|m| m.part_ptrs(gpu)).collect();
+    let base = p[0];
+    let mut off = [0u64; 9];
+    for (o, v) in off.iter_mut().zip(&p) {
+        *o = v.wrapping_sub(base);
+    }
+    (base, off)
+}
+
+impl Gpu {
+    /// Router softmax and top-`k` per token on the device: `ids` and `weights` get `[tokens, k]`
+    /// (best first, ties to the lower id; weights renormalised when `norm`), as
+    /// `moe_core::ops::route`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_topk(
+        &self,
+        logits: &CudaSlice<f32>,
+        tokens: usize,
+        experts: usize,
+        k: usize,
+        norm: bool,
+        ids: &mut CudaSlice<i32>,
+        weights: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if experts > ROUTE_MAX_EXPERTS || k == 0 || k > MOE_MAX_SLOTS.min(experts) {
+            return Err(Error::Unsupported(format!(
+                "device routing of top-{k} of {experts} experts (at most top-{MOE_MAX_SLOTS} of {ROUTE_MAX_EXPERTS})"
+            )));
+        }
+        assert!(logits.len() >= tokens * experts, "route_topk: logits too small");
+        assert!(ids.len() >= tokens * k && weights.len() >= tokens * k, "route_topk: outputs too small");
+        if tokens == 0 {
+            return Ok(());
+        }
+        let (e, k_i, norm) = (i32_of(experts, "experts"), k as i32, norm as i32);
+        let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(self.f("route_topk"));
+        b.arg(logits).arg(&e).arg(&k_i).arg(&norm).arg(ids).arg(weights);
+        unsafe { b.launch(cfg) }.what("launching route_topk")?;
+        Ok(())
+    }
+
+    /// SwiGLU experts of one token in two launches: `out += sum_k w_k * down_k(silu(gate_k x) *
+    /// up_k x)`, `w_k = weights[k]` (or its sigmoid when `sigmoid`: the gated shared expert).
+    /// `h` is scratch of `slots x inter` values.
+    pub fn moe_token(
+        &self,
+        experts: MoeExperts<'_>,
+        x: &CudaSlice<f32>,
+        weights: &CudaSlice<f32>,
+        sigmoid: bool,
+        h: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let mut arg = MoeSlotsArg { base: [0; MOE_MAX_SLOTS], off: [0; 9], table: 0, ids: 0 };
+        let (like, slots) = match &experts {
+            MoeExperts::Listed(list) => {
+                let Some(first) = list.first() else { return Ok(()) };
+                if list.len() > MOE_MAX_SLOTS {
+                    return Err(Error::Unsupported(format!("{} experts in one launch", list.len())));
+                }
+                let (_, off) = expert_offsets(self, first);
+                arg.off = off;
+                for (k, e) in list.iter().enumerate() {
+                    let same = |a: &DeviceMatrix, b: &DeviceMatrix| {
+                        a.format == b.format && a.rows == b.rows && a.cols == b.cols
+                    };
+                    if !(0..3).all(|i| same(e[i], first[i])) {
+                        return Err(Error::Unsupported("experts of different shapes or formats in one launch".into()));
+                    }
+                    let (base, off) = expert_offsets(self, e);
+                    // One slot may have its parts anywhere (base 0, absolute offsets); several
+                    // share one layout.
+                    if list.len() == 1 {
+                        arg.off = off.map(|o| o.wrapping_add(base));
+                    } else if off != arg.off {
+                        return Err(Error::Unsupported("experts laid out differently in one launch".into()));
+                    } else {
+                        arg.base[k] = base;
+                    }
+                }
+                (*first, list.len())
+            }
+            MoeExperts::Table { table, ids, slots, like } => {
+                assert!(ids.len() >= *slots, "moe_token: fewer ids than slots");
+                arg.off = expert_offsets(self, like).1;
+                arg.table = table.device_ptr(&self.stream).0;
+                arg.ids = ids.device_ptr(&self.stream).0;
+                (*like, *slots)
+            }
+        };
+        if slots == 0 || slots > MOE_MAX_SLOTS {
+            return Err(Error::Unsupported(format!("{slots} experts in one launch")));
+        }
+        let [gate, up, down] = like;
+        let (hidden, inter) = (gate.cols, gate.rows);
+        if !(up.format == gate.format
+            && up.rows == inter
+            && up.cols == hidden
+            && down.rows == hidden
+            && down.cols == inter)
+        {
+            return Err(Error::Unsupported("expert matrices of different shapes or gate/up formats".into()));
+        }
+        if !(gate.vectorised() && down.vectorised()) {
+            return Err(Error::Unsupported(format!("fused experts of shape {inter}x{hidden}")));
+        }
+        assert!(x.len() >= hidden && out.len() >= hidden, "moe_token: x/out too small");
+        assert!(h.len() >= slots * inter && weights.len() >= slots, "moe_token: scratch too small");
+        let (hidden_i, inter_i, slots_i, sig) =
+            (i32_of(hidden, "hidden"), i32_of(inter, "inter"), slots as i32, sigmoid as i32);
+        let name = format!("moe_gate_up_{}", gate.suffix());
+        let cfg = LaunchConfig {
+            grid_dim: ((inter as u32).div_ceil(MV_ROWS_PER_BLOCK), slots as u32, 1),
+            block_dim: (32 * MV_ROWS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.functions[name.as_str()]);
+        b.arg(&arg).arg(x).arg(&hidden_i).arg(&inter_i).arg(&mut *h);
+        unsafe { b.launch(cfg) }.what("launching moe_gate_up")?;
+        let name = format!("moe_down_{}", down.suffix());
+        let cfg = LaunchConfig {
+            grid_dim: ((hidden as u32).div_ceil(MV_ROWS_PER_BLOCK), 1, 1),
+            block_dim: (32 * MV_ROWS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.functions[name.as_str()]);
+        b.arg(&arg).arg(&slots_i).arg(&*h).arg(&hidden_i).arg(&inter_i).arg(weights).arg(&sig).arg(out);
+        unsafe { b.launch(cfg) }.what("launching moe_down")?;
         Ok(())
     }
 }

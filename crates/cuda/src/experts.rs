@@ -95,6 +95,8 @@ struct State {
     hits: u64,
     misses: u64,
     bytes_uploaded: u64,
+    /// Changes with every upload and budget change: what is resident may have changed.
+    generation: u64,
     /// Uploads that were not kept, held until a few later ones (see `upload`).
     retired: VecDeque<Arc<Entry>>,
 }
@@ -137,6 +139,7 @@ impl Gpu {
                 hits: 0,
                 misses: 0,
                 bytes_uploaded: 0,
+                generation: 0,
                 retired: VecDeque::new(),
             }),
             copier: Mutex::new(Copier { staging, next: 0, ready: event()? }),
@@ -160,6 +163,7 @@ impl ExpertTier {
         {
             let mut s = self.state.lock().unwrap();
             s.requested = budget;
+            s.generation += 1;
             match &mut s.cache {
                 Some(c) => c.set_budget(bytes, &mut evicted),
                 None => s.cache = Some(Policy::new(bytes)),
@@ -207,6 +211,7 @@ impl ExpertTier {
         let mut evicted = Vec::new();
         let fits = {
             let mut s = self.state.lock().unwrap();
+            s.generation += 1;
             if s.cache.is_none() {
                 let bytes = match s.requested {
                     VramBudget::Bytes(b) => b,
@@ -304,6 +309,24 @@ impl ExpertTier {
             resident_bytes: c.map_or(0, |c| c.bytes()),
             budget: c.map(|c| c.budget()),
         }
+    }
+
+    /// A handle on expert `id` of `layer` if it is resident, counting no use.
+    pub fn peek(&self, layer: usize, id: usize) -> Option<ExpertHandle> {
+        let s = self.state.lock().unwrap();
+        let entry = s.cache.as_ref()?.get((layer, id))?;
+        Some(ExpertHandle { entry, compute: self.compute.clone() })
+    }
+
+    /// Counts `n` hits of experts the device found resident by itself (routing on the device with
+    /// every expert resident).
+    pub fn count_hits(&self, n: u64) {
+        self.state.lock().unwrap().hits += n;
+    }
+
+    /// A number that changes whenever what is resident may have changed.
+    pub fn generation(&self) -> u64 {
+        self.state.lock().unwrap().generation
     }
 
     /// Zeroes the counters (what is resident stays).

@@ -12,8 +12,8 @@ mod loader;
 mod ptx;
 mod tier;
 
-pub use cudarc::driver::CudaSlice;
-pub use device::{DeviceMatrix, Gpu};
+pub use cudarc::driver::{CudaSlice, PinnedHostSlice};
+pub use device::{DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, ROUTE_MAX_EXPERTS, expert_offsets};
 pub use experts::{Bandwidth, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget};
 
 /// Why a GPU could not be used or an operation failed.

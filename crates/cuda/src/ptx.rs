@@ -15,6 +15,8 @@ pub(crate) const SOURCE: &str = concat!(
     include_str!("../kernels/attention.cu"),
     "\n",
     include_str!("../kernels/delta_net.cu"),
+    "\n",
+    include_str!("../kernels/moe.cu"),
 );
 
 /// NVRTC options besides the architecture. Part of the cache key.

@@ -88,6 +88,11 @@ impl<V: Clone> Policy<V> {
         self.order = residents.into_iter().map(|k| Self::rank(k, &self.keys[&k])).collect();
     }
 
+    /// The value of `key` if resident, counting no use.
+    pub fn get(&self, key: Key) -> Option<V> {
+        self.keys.get(&key).and_then(|s| s.value.as_ref()).map(|(v, _)| v.clone())
+    }
+
     pub fn contains(&self, key: Key) -> bool {
         self.keys.get(&key).is_some_and(|s| s.value.is_some())
     }

@@ -5,9 +5,10 @@
 //! explicitly, so buffers may be larger than the data in them and can be reused across steps.
 
 use anyhow::Result;
-use moe_core::Matrix;
 pub use moe_core::shapes::{AttentionShape, DeltaNetShape};
 pub use moe_core::tier::TierStats as ExpertTierStats;
+use moe_core::{Matrix, ops};
+use moe_store::ExpertSource;
 
 /// Small parameters of a DeltaNet layer, resident on the device.
 pub struct DeltaNetParams<'a, B: Backend + ?Sized> {
@@ -56,6 +57,24 @@ impl<W> ExpertMatrices<W> for [W; 3] {
     }
 }
 
+/// How the routers of a model pick experts.
+#[derive(Clone, Copy, Debug)]
+pub struct Routing {
+    /// Routed experts per layer.
+    pub experts: usize,
+    pub top_k: usize,
+    /// Renormalise the top-k probabilities to sum to 1.
+    pub norm_topk: bool,
+    /// Layers with routed experts (so `layers x experts` experts in all).
+    pub layers: usize,
+}
+
+impl Routing {
+    pub fn of(c: &moe_core::ModelConfig) -> Self {
+        Routing { experts: c.experts, top_k: c.top_k, norm_topk: c.norm_topk, layers: c.layers.len() }
+    }
+}
+
 pub trait Backend: Send + Sync {
     /// f32 activations on the device.
     type Tensor: Send + Sync;
@@ -82,6 +101,12 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// Loads every routed expert into the device's expert tier when they all fit its budget (so
+    /// that decoding never waits for a fetch); a no-op for backends without one.
+    fn preload_experts(&self, _store: &dyn ExpertSource, _routing: &Routing) -> Result<()> {
+        Ok(())
+    }
+
     /// The device tier's counters, for backends that keep one.
     fn expert_tier_stats(&self) -> Option<ExpertTierStats> {
         None
@@ -93,6 +118,11 @@ pub trait Backend: Send + Sync {
     }
     fn tensor(&self, values: &[f32]) -> Self::Tensor;
     fn zeros(&self, len: usize) -> Self::Tensor;
+    /// A tensor of `len` values that the next operation overwrites entirely (not necessarily
+    /// zeroed, which saves a fill on devices).
+    fn scratch(&self, len: usize) -> Self::Tensor {
+        self.zeros(len)
+    }
     /// The first `len` values back on the host.
     fn read(&self, t: &Self::Tensor, len: usize) -> Vec<f32>;
     /// A new tensor of `len` values starting with the first `keep` values of `t` (cache growth).
@@ -152,4 +182,54 @@ pub trait Backend: Send + Sync {
         scales: &[f32],
         acc: &mut Self::Tensor,
     );
+
+    /// The gated shared expert on all `tokens` rows of `x`:
+    /// `acc[t] += sigmoid(gate_logit[t]) * down(silu(gate x[t]) * up x[t])`.
+    #[allow(clippy::too_many_arguments)]
+    fn shared_expert(
+        &self,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+        down: &Self::Weight,
+        gate_logit: &Self::Tensor,
+        x: &Self::Tensor,
+        tokens: usize,
+        acc: &mut Self::Tensor,
+    ) {
+        host_gated_expert(self, [gate, up, down], gate_logit, x, tokens, acc)
+    }
+
+    /// The routed experts of `layer` for one token, routed on the device: the top-k of `logits`
+    /// (`[1, experts]`) fetched through `store` where the device lacks them, their weighted outputs
+    /// added to `acc`. `shared` queues the shared expert's contribution to `acc`; the backend calls
+    /// it once, at the point where it best overlaps the experts' arrival. Returns how many experts
+    /// were used, or `None` (having called nothing) where the backend has no such path: the model
+    /// then routes on the host and calls [`expert_ffn`](Self::expert_ffn).
+    #[allow(clippy::too_many_arguments)]
+    fn routed_experts_on_device(
+        &self,
+        _layer: usize,
+        _routing: &Routing,
+        _logits: &Self::Tensor,
+        _x: &Self::Tensor,
+        _store: &dyn ExpertSource,
+        _shared: &dyn Fn(&mut Self::Tensor),
+        _acc: &mut Self::Tensor,
+    ) -> Result<Option<usize>> {
+        Ok(None)
+    }
+}
+
+/// [`Backend::shared_expert`] through [`Backend::expert_ffn`], with the gates read to the host.
+pub fn host_gated_expert<B: Backend + ?Sized>(
+    b: &B,
+    [gate, up, down]: [&B::Weight; 3],
+    gate_logit: &B::Tensor,
+    x: &B::Tensor,
+    tokens: usize,
+    acc: &mut B::Tensor,
+) {
+    let scales: Vec<f32> = b.read(gate_logit, tokens).into_iter().map(ops::sigmoid).collect();
+    let rows: Vec<u32> = (0..tokens as u32).collect();
+    b.expert_ffn(gate, up, down, x, &rows, &scales, acc);
 }

@@ -8,14 +8,23 @@
 //! store and copies nothing, a miss is uploaded through pinned staging on a copy stream that the
 //! compute stream waits on with an event. Budget 0 uploads every use.
 //!
+//! Decoding routes on the device ([`Backend::routed_experts_on_device`]): the router's top-k runs
+//! in a kernel, and a layer's selected experts run in two fused launches. When every expert of the
+//! model is resident in GPU memory, the kernels find the experts through a per-layer table of
+//! device addresses and nothing is copied back to the host until the logits; otherwise the chosen
+//! ids are copied back (one small wait per layer), the missing experts are fetched and uploaded,
+//! and the shared expert is queued before the host waits for the store.
+//!
 //! The trait's operations cannot fail, so a device error (out of memory, a faulting kernel) is
 //! a panic that names the operation; opening the device is the fallible step.
 
 use crate::backend::*;
 use anyhow::Result;
 use moe_core::Matrix;
-use moe_cuda::{CudaSlice, DeviceMatrix, Gpu};
-use moe_store::Budget;
+use moe_cuda::{CudaSlice, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, ROUTE_MAX_EXPERTS, expert_offsets};
+use moe_store::{Budget, Expert, ExpertSource};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 pub use moe_cuda::Error as CudaError;
 pub use moe_cuda::ExpertHandle;
@@ -23,6 +32,32 @@ pub use moe_cuda::ExpertHandle;
 pub struct CudaBackend {
     gpu: Gpu,
     tier: moe_cuda::ExpertTier,
+    routes: Mutex<Option<RouteBuffers>>,
+    /// Scratch of the fused expert launches (`slots x inter` values), grown on demand.
+    hidden: Mutex<Option<CudaSlice<f32>>>,
+    tables: Mutex<ResidentTables>,
+}
+
+/// The chosen experts of one token, on the device and (when the host needs them) copied back.
+struct RouteBuffers {
+    ids: CudaSlice<i32>,
+    weights: CudaSlice<f32>,
+    host_ids: moe_cuda::PinnedHostSlice<i32>,
+}
+
+/// Per-layer tables of expert addresses, valid while the tier's generation is `generation`.
+#[derive(Default)]
+struct ResidentTables {
+    generation: u64,
+    layers: HashMap<usize, LayerTable>,
+}
+
+struct LayerTable {
+    /// The gate codes' address of every expert of the layer.
+    table: CudaSlice<u64>,
+    /// Keep the experts' memory until the table is dropped: their handles, when dropped, order
+    /// any later free after the kernels queued until then.
+    handles: Vec<moe_cuda::ExpertHandle>,
 }
 
 impl CudaBackend {
@@ -38,7 +73,7 @@ impl CudaBackend {
     pub fn with_vram_budget(ordinal: usize, budget: Budget) -> Result<Self> {
         let gpu = Gpu::new(ordinal)?;
         let tier = gpu.expert_tier(vram_budget(budget))?;
-        Ok(CudaBackend { gpu, tier })
+        Ok(CudaBackend { gpu, tier, routes: Mutex::default(), hidden: Mutex::default(), tables: Mutex::default() })
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -57,6 +92,57 @@ impl CudaBackend {
 
     pub fn reset_vram_stats(&self) {
         self.tier.reset_stats()
+    }
+}
+
+impl CudaBackend {
+    /// Runs `f` with the fused launches' scratch, at least `len` values.
+    fn with_hidden<T>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<f32>) -> T) -> T {
+        let mut h = self.hidden.lock().unwrap();
+        if h.as_ref().is_none_or(|h| h.len() < len) {
+            *h = Some(ok(self.gpu.uninit(len), "allocation"));
+        }
+        f(h.as_mut().unwrap())
+    }
+
+    /// Queues the experts of `layer` chosen on the device (`ids`, `weights`) through the layer's
+    /// address table, if every expert of the layer is resident. False if not.
+    fn table_experts(
+        &self,
+        layer: usize,
+        experts: usize,
+        k: usize,
+        r: &RouteBuffers,
+        x: &CudaSlice<f32>,
+        acc: &mut CudaSlice<f32>,
+    ) -> Result<bool> {
+        let generation = self.tier.generation();
+        let mut tables = self.tables.lock().unwrap();
+        if tables.generation != generation {
+            tables.layers.clear();
+            tables.generation = generation;
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = tables.layers.entry(layer) {
+            let Some(handles) = (0..experts).map(|e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
+                return Ok(false);
+            };
+            let layouts: Vec<(u64, [u64; 9])> =
+                handles.iter().map(|h| expert_offsets(&self.gpu, &h.matrices())).collect();
+            if layouts.iter().any(|(_, off)| *off != layouts[0].1) {
+                return Ok(false);
+            }
+            let addresses: Vec<u64> = layouts.iter().map(|(base, _)| *base).collect();
+            let table = self.gpu.upload_u64(&addresses)?;
+            slot.insert(LayerTable { table, handles });
+        }
+        let t = &tables.layers[&layer];
+        let like = t.handles[0].matrices();
+        self.with_hidden(k * like[0].rows, |h| {
+            let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, like };
+            self.gpu.moe_token(experts, x, &r.weights, false, h, acc)
+        })?;
+        self.tier.count_hits(k as u64);
+        Ok(true)
     }
 }
 
@@ -117,6 +203,27 @@ impl Backend for CudaBackend {
         Ok(self.tier.upload(layer, id, [&e.gate, &e.up, &e.down])?)
     }
 
+    fn preload_experts(&self, store: &dyn ExpertSource, routing: &Routing) -> Result<()> {
+        self.tier.set_budget(self.tier.requested_budget())?;
+        let budget = self.tier.stats().budget.unwrap_or(0);
+        if store.total_bytes() as u64 > budget {
+            return Ok(());
+        }
+        // A few dozen experts per request, so that the store reads them in parallel.
+        let ids: Vec<usize> = (0..routing.experts).collect();
+        for layer in 0..routing.layers {
+            for batch in ids.chunks(32) {
+                for (&e, x) in batch.iter().zip(store.experts(layer, batch)?) {
+                    if !self.tier.contains(layer, e) {
+                        drop(self.tier.upload(layer, e, [&x.gate, &x.up, &x.down])?);
+                    }
+                }
+            }
+        }
+        self.tier.reset_stats();
+        Ok(())
+    }
+
     fn has_expert(&self, layer: usize, id: usize) -> bool {
         self.tier.contains(layer, id)
     }
@@ -135,6 +242,10 @@ impl Backend for CudaBackend {
 
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
         ok(self.gpu.zeros(len), "allocation")
+    }
+
+    fn scratch(&self, len: usize) -> CudaSlice<f32> {
+        ok(self.gpu.uninit(len), "allocation")
     }
 
     fn read(&self, t: &CudaSlice<f32>, len: usize) -> Vec<f32> {
@@ -234,5 +345,92 @@ impl Backend for CudaBackend {
         acc: &mut CudaSlice<f32>,
     ) {
         ok(self.gpu.expert_ffn(gate, up, down, x, rows, scales, acc), "expert_ffn")
+    }
+
+    fn shared_expert(
+        &self,
+        gate: &DeviceMatrix,
+        up: &DeviceMatrix,
+        down: &DeviceMatrix,
+        gate_logit: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        tokens: usize,
+        acc: &mut CudaSlice<f32>,
+    ) {
+        if tokens == 1 {
+            let fused = self.with_hidden(gate.rows, |h| {
+                self.gpu.moe_token(MoeExperts::Listed(&[[gate, up, down]]), x, gate_logit, true, h, acc)
+            });
+            match fused {
+                Ok(()) => return,
+                Err(CudaError::Unsupported(_)) => {}
+                Err(e) => panic!("CUDA shared expert: {e}"),
+            }
+        }
+        host_gated_expert(self, [gate, up, down], gate_logit, x, tokens, acc)
+    }
+
+    fn routed_experts_on_device(
+        &self,
+        layer: usize,
+        routing: &Routing,
+        logits: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        store: &dyn ExpertSource,
+        shared: &dyn Fn(&mut CudaSlice<f32>),
+        acc: &mut CudaSlice<f32>,
+    ) -> Result<Option<usize>> {
+        let (experts, k) = (routing.experts, routing.top_k);
+        if k == 0 || k > MOE_MAX_SLOTS.min(experts) || experts > ROUTE_MAX_EXPERTS {
+            return Ok(None);
+        }
+        let mut routes = self.routes.lock().unwrap();
+        if routes.as_ref().is_none_or(|r| r.ids.len() < k) {
+            let g = &self.gpu;
+            *routes = Some(RouteBuffers { ids: g.zeros_i32(k)?, weights: g.zeros(k)?, host_ids: g.pinned_i32(k)? });
+        }
+        let r = routes.as_mut().unwrap();
+        self.gpu.route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
+
+        let complete = self.tier.stats().resident_experts >= routing.layers * experts;
+        if complete {
+            shared(acc);
+            if self.table_experts(layer, experts, k, r, x, acc)? {
+                return Ok(Some(k));
+            }
+        }
+
+        // The host needs the ids: copy them back and wait for that copy only.
+        let ids: Vec<usize> = self.gpu.read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
+        let missing: Vec<usize> = ids.iter().copied().filter(|&e| !self.tier.contains(layer, e)).collect();
+        store.prefetch(layer, &missing);
+        if !complete {
+            shared(acc);
+        }
+        let mut fetched: HashMap<usize, Expert> =
+            missing.iter().copied().zip(store.experts(layer, &missing)?).collect();
+        let handles = ids
+            .iter()
+            .map(|&e| {
+                self.expert_weights(layer, e, || Ok(fetched.remove(&e).map_or_else(|| store.expert(layer, e), Ok)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let matrices: Vec<[&DeviceMatrix; 3]> = handles.iter().map(|h| h.matrices()).collect();
+        let inter = matrices[0][0].rows;
+        let fused = self.with_hidden(k * inter, |h| {
+            self.gpu.moe_token(MoeExperts::Listed(&matrices), x, &r.weights, false, h, acc)
+        });
+        match fused {
+            Ok(()) => {}
+            Err(CudaError::Unsupported(_)) => {
+                // Shapes the fused kernels do not take: one expert at a time.
+                let weights = self.read(&r.weights, k);
+                for ([g, u, d], w) in matrices.iter().zip(weights) {
+                    self.expert_ffn(g, u, d, x, &[0], &[w], acc);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Some(k))
     }
 }

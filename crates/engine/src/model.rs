@@ -215,6 +215,7 @@ impl<B: Backend> Model<B> {
         }
         let embed = weight("embed_tokens.weight", c.vocab, h)?;
         let lm_head = if c.tie_embeddings { None } else { Some(weight("lm_head.weight", c.vocab, h)?) };
+        backend.preload_experts(&*files.experts, &Routing::of(c)).context("loading the experts into device memory")?;
         Ok(Model {
             final_norm: values("norm.weight", &[h])?,
             embed,
@@ -278,10 +279,10 @@ impl<B: Backend> Model<B> {
         let h = c.hidden;
         let mut prof = Profile { tokens: n, ..Profile::default() };
         let mut clock = Stopwatch::start();
-        let mut x = b.zeros(n * h);
+        let mut x = b.scratch(n * h);
         b.embed(&self.embed, tokens, &mut x);
-        let mut normed = b.zeros(n * h);
-        let mut mixed = b.zeros(n * h);
+        let mut normed = b.scratch(n * h);
+        let mut mixed = b.scratch(n * h);
         let mut hidden = Vec::new();
         for (i, (layer, state)) in self.layers.iter().zip(session.layers.iter_mut()).enumerate() {
             b.rms_norm(&x, &layer.input_norm, c.family.norm_offset(), c.rms_eps, n, &mut normed);
@@ -290,12 +291,12 @@ impl<B: Backend> Model<B> {
                 (Mixer::Attention { q, k, v, o, q_norm, k_norm }, LayerState::Attention(cache)) => {
                     let s = &self.attention;
                     let (mut qb, mut kb, mut vb) =
-                        (b.zeros(n * s.q_width()), b.zeros(n * s.kv_width()), b.zeros(n * s.kv_width()));
+                        (b.scratch(n * s.q_width()), b.scratch(n * s.kv_width()), b.scratch(n * s.kv_width()));
                     b.matmul(q, &normed, n, &mut qb);
                     b.matmul(k, &normed, n, &mut kb);
                     b.matmul(v, &normed, n, &mut vb);
                     self.reserve(cache, past + n);
-                    let mut attn = b.zeros(n * s.out_width());
+                    let mut attn = b.scratch(n * s.out_width());
                     b.attention(s, q_norm, k_norm, &qb, &kb, &vb, cache, past, n, &mut attn);
                     b.matmul(o, &attn, n, &mut mixed);
                     clock.lap(&mut prof.attention);
@@ -320,7 +321,7 @@ impl<B: Backend> Model<B> {
         let rows = if all_logits { n } else { 1 };
         let last = if all_logits { x } else { b.tensor(&b.read(&x, n * h)[(n - 1) * h..]) };
         b.rms_norm(&last, &self.final_norm, c.family.norm_offset(), c.rms_eps, rows, &mut normed);
-        let mut logits = b.zeros(rows * c.vocab);
+        let mut logits = b.scratch(rows * c.vocab);
         b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &normed, rows, &mut logits);
         let logits = b.read(&logits, rows * c.vocab);
         clock.lap(&mut prof.other);
@@ -350,7 +351,8 @@ impl<B: Backend> Model<B> {
     ) {
         let (b, s) = (&self.backend, &self.delta);
         let (cw, vw, nv) = (s.conv_width(), s.value_width(), s.v_heads);
-        let (mut qkv, mut z, mut beta, mut a) = (b.zeros(n * cw), b.zeros(n * vw), b.zeros(n * nv), b.zeros(n * nv));
+        let (mut qkv, mut z, mut beta, mut a) =
+            (b.scratch(n * cw), b.scratch(n * vw), b.scratch(n * nv), b.scratch(n * nv));
         match &d.input {
             DeltaNetProjection::Separate { qkv: wqkv, z: wz, b: wb, a: wa } => {
                 b.matmul(wqkv, x, n, &mut qkv);
@@ -359,7 +361,7 @@ impl<B: Backend> Model<B> {
                 b.matmul(wa, x, n, &mut a);
             }
             DeltaNetProjection::Fused { qkvz, ba, order_qkvz, order_ba } => {
-                let (mut fused, mut ordered) = (b.zeros(n * (cw + vw)), b.zeros(n * (cw + vw)));
+                let (mut fused, mut ordered) = (b.scratch(n * (cw + vw)), b.scratch(n * (cw + vw)));
                 b.matmul(qkvz, x, n, &mut fused);
                 b.select_columns(&fused, cw + vw, &order_qkvz[..cw], n, &mut qkv);
                 b.select_columns(&fused, cw + vw, &order_qkvz[cw..], n, &mut z);
@@ -370,18 +372,34 @@ impl<B: Backend> Model<B> {
         }
         let params = DeltaNetParams { conv: &d.conv, a_log: &d.a_log, dt_bias: &d.dt_bias, norm: &d.norm };
         let inputs = DeltaNetInputs { qkv: &qkv, z: &z, b: &beta, a: &a };
-        let mut o = b.zeros(n * vw);
+        let mut o = b.scratch(n * vw);
         b.delta_net(s, &params, &inputs, state, n, &mut o);
         b.matmul(&d.out, &o, n, out);
     }
 
     /// Routed experts (each computed once for all the tokens routed to it, in ascending id as
-    /// transformers accumulates them) plus the gated shared expert.
+    /// transformers accumulates them) plus the gated shared expert. A backend that routes on the
+    /// device takes single tokens (decode) whole.
     fn moe(&self, layer: usize, l: &Layer<B>, x: &B::Tensor, n: usize, prof: &mut Profile) -> Result<B::Tensor> {
         let (b, c) = (&self.backend, &self.config);
         let mut clock = Stopwatch::start();
-        let mut logits = b.zeros(n * c.experts);
+        let mut logits = b.scratch(n * c.experts);
         b.matmul(&l.router, x, n, &mut logits);
+        clock.lap(&mut prof.router);
+        let mut acc = b.zeros(n * c.hidden);
+        let shared = |acc: &mut B::Tensor| {
+            if let Some(s) = &l.shared {
+                self.shared_expert(s, x, n, acc);
+            }
+        };
+        if n == 1 {
+            let (routing, store) = (self.routing(), &*self.experts);
+            if let Some(uses) = b.routed_experts_on_device(layer, &routing, &logits, x, store, &shared, &mut acc)? {
+                clock.lap(&mut prof.experts);
+                prof.expert_uses += uses;
+                return Ok(acc);
+            }
+        }
         let logits = b.read(&logits, n * c.experts);
         let mut routes: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
         for t in 0..n {
@@ -395,15 +413,8 @@ impl<B: Backend> Model<B> {
         self.experts.prefetch(layer, &missing);
         clock.lap(&mut prof.router);
         // The shared expert runs while the routed experts are read.
-        let mut acc = b.zeros(n * c.hidden);
-        if let Some(s) = &l.shared {
-            let mut gate = b.zeros(n);
-            b.matmul(&s.scale, x, n, &mut gate);
-            let scales: Vec<f32> = b.read(&gate, n).into_iter().map(ops::sigmoid).collect();
-            let rows: Vec<u32> = (0..n as u32).collect();
-            b.expert_ffn(&s.gate, &s.up, &s.down, x, &rows, &scales, &mut acc);
-            clock.lap(&mut prof.shared_expert);
-        }
+        shared(&mut acc);
+        clock.lap(&mut prof.shared_expert);
         // One batch request: the store reads whatever is not in RAM yet in parallel (and joins the
         // reads the prefetch started), so disk reads overlap each other even without a cache.
         let mut fetched: HashMap<usize, Expert> =
@@ -420,6 +431,17 @@ impl<B: Backend> Model<B> {
         }
         prof.expert_uses += routes.len();
         Ok(acc)
+    }
+
+    fn shared_expert(&self, s: &SharedExpert<B>, x: &B::Tensor, n: usize, acc: &mut B::Tensor) {
+        let b = &self.backend;
+        let mut gate = b.scratch(n);
+        b.matmul(&s.scale, x, n, &mut gate);
+        b.shared_expert(&s.gate, &s.up, &s.down, &gate, x, n, acc);
+    }
+
+    fn routing(&self) -> Routing {
+        Routing::of(&self.config)
     }
 }
 

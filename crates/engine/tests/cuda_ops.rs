@@ -12,7 +12,7 @@ use moe_core::{Bytes, DType, Matrix, WeightFormat};
 use moe_engine::backend::*;
 use moe_engine::cuda_backend::CudaBackend;
 use moe_engine::{Backend, CpuBackend};
-use moe_store::Budget;
+use moe_store::{Budget, Expert, ExpertSource, StoreError};
 
 const FORMATS: [WeightFormat; 6] = [
     WeightFormat::Float(DType::F32),
@@ -89,7 +89,8 @@ fn cuda_matmul_every_format() {
     let cpu = CpuBackend;
     let mut rng = Rng(1);
     // (rows, cols): aligned shapes take the vectorised path, odd float shapes the scalar one.
-    let shapes = [(130usize, 256usize), (1000, 512), (7, 64), (33, 22), (5, 3)];
+    // 4160 columns run the decode kernel's four-loads-in-flight loop and its tail.
+    let shapes = [(130usize, 256usize), (1000, 512), (40, 4160), (7, 64), (33, 22), (5, 3)];
     for format in FORMATS {
         for &(rows, cols) in &shapes {
             if matches!(format, WeightFormat::Affine { .. }) && cols % 64 != 0 {
@@ -304,4 +305,118 @@ fn cuda_buffers_and_errors() {
     let err = CudaBackend::new(999).err().expect("ordinal 999 opened");
     assert!(err.to_string().contains("no GPU with ordinal 999"), "{err}");
     println!("{}", g.name());
+}
+
+/// Routed experts held in memory, as the model's expert store would give them.
+struct MemoryExperts(Vec<Vec<Expert>>);
+
+impl ExpertSource for MemoryExperts {
+    fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError> {
+        Ok(self.0[layer][expert].clone())
+    }
+    fn expert_bytes(&self) -> usize {
+        self.0[0][0].byte_len()
+    }
+    fn total_bytes(&self) -> usize {
+        self.0.iter().flatten().map(Expert::byte_len).sum()
+    }
+}
+
+/// The decode path that routes on the device (top-k kernel, fused expert launches, shared expert),
+/// against the host routing and per-expert CPU computation: with budget 0 (ids copied back, every
+/// expert uploaded) and with every expert resident (the address-table path), for every format;
+/// tied router logits go to the lower id as on the host.
+#[test]
+fn cuda_routed_experts_on_device() {
+    let cpu = CpuBackend;
+    let mut rng = Rng(40);
+    let (layers, experts, k, h, inter) = (2usize, 40usize, 6usize, 256usize, 128usize);
+    for format in FORMATS {
+        let store = MemoryExperts(
+            (0..layers)
+                .map(|_| {
+                    (0..experts)
+                        .map(|_| Expert {
+                            gate: random_matrix(&mut rng, format, inter, h),
+                            up: random_matrix(&mut rng, format, inter, h),
+                            down: random_matrix(&mut rng, format, h, inter),
+                        })
+                        .collect()
+                })
+                .collect(),
+        );
+        for (budget, resident) in [(Budget::Bytes(0), false), (Budget::Auto, true)] {
+            let test = "cuda_routed_experts_on_device";
+            let Some(g) = gpu(test, budget) else { return };
+            if resident {
+                for (l, layer) in store.0.iter().enumerate() {
+                    for (e, ex) in layer.iter().enumerate() {
+                        drop(g.expert_weights(l, e, || Ok(ex.clone())).unwrap());
+                    }
+                }
+            }
+            for norm in [true, false] {
+                let routing = Routing { experts, top_k: k, norm_topk: norm, layers };
+                for (layer, trial) in [(0usize, 0), (1, 1), (1, 2)] {
+                    let mut logits = rng.vec(experts, 2.0);
+                    if trial == 2 {
+                        // A tie at the top: both go, the lower id first.
+                        logits[17] = 9.0;
+                        logits[5] = 9.0;
+                    }
+                    let x = rng.vec(h, 1.0);
+                    let acc0 = rng.vec(h, 1.0);
+                    let mut want = acc0.clone();
+                    for (e, w) in moe_core::ops::route(&logits, k, norm) {
+                        let ex = &store.0[layer][e];
+                        let [gc, uc, dc] = [&ex.gate, &ex.up, &ex.down].map(|m| cpu.weight(m).unwrap());
+                        cpu.expert_ffn(&gc, &uc, &dc, &x, &[0], &[w], &mut want);
+                    }
+                    let mut acc = g.tensor(&acc0);
+                    let (gl, gx) = (g.tensor(&logits), g.tensor(&x));
+                    let calls = std::cell::Cell::new(0);
+                    let shared = |_: &mut _| calls.set(calls.get() + 1);
+                    let before = g.vram_stats();
+                    let used =
+                        g.routed_experts_on_device(layer, &routing, &gl, &gx, &store, &shared, &mut acc).unwrap();
+                    assert_eq!((used, calls.get()), (Some(k), 1), "experts used, shared expert queued once");
+                    let after = g.vram_stats();
+                    let hits = after.hits - before.hits;
+                    assert_eq!(hits, if resident { k as u64 } else { 0 }, "{:?}", after);
+                    let what =
+                        format!("routed experts {} resident {resident} norm {norm} trial {trial}", format.name());
+                    assert_close(&what, &g.read(&acc, h), &want, TOL);
+                }
+            }
+        }
+    }
+}
+
+/// The gated shared expert of one token (one fused launch on the GPU) against the CPU.
+#[test]
+fn cuda_shared_expert() {
+    let Some(g) = gpu("cuda_shared_expert", Budget::Auto) else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(41);
+    for format in FORMATS {
+        let (h, inter) = (192, 320);
+        let ms = [
+            random_matrix(&mut rng, format, inter, h),
+            random_matrix(&mut rng, format, inter, h),
+            random_matrix(&mut rng, format, h, inter),
+        ];
+        let [gc, uc, dc] = ms.each_ref().map(|m| cpu.weight(m).unwrap());
+        let [gg, ug, dg] = ms.each_ref().map(|m| g.weight(m).unwrap());
+        for tokens in [1usize, 3] {
+            let x = rng.vec(tokens * h, 1.0);
+            let logit = rng.vec(tokens, 2.0);
+            let acc0 = rng.vec(tokens * h, 1.0);
+            let mut want = acc0.clone();
+            cpu.shared_expert(&gc, &uc, &dc, &logit, &x, tokens, &mut want);
+            let mut acc = g.tensor(&acc0);
+            g.shared_expert(&gg, &ug, &dg, &g.tensor(&logit), &g.tensor(&x), tokens, &mut acc);
+            let what = format!("shared expert {} tokens {tokens}", format.name());
+            assert_close(&what, &g.read(&acc, tokens * h), &want, TOL);
+        }
+    }
 }
