@@ -101,6 +101,12 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// Checks, before anything is loaded, that `dense_bytes` of dense weights and the expert budget
+    /// fit the device's memory; the error says what would fit.
+    fn check_memory(&self, _dense_bytes: u64) -> Result<()> {
+        Ok(())
+    }
+
     /// Loads every routed expert into the device's expert tier when they all fit its budget (so
     /// that decoding never waits for a fetch); a no-op for backends without one.
     fn preload_experts(&self, _store: &dyn ExpertSource, _routing: &Routing) -> Result<()> {

@@ -203,6 +203,37 @@ impl Backend for CudaBackend {
         Ok(self.tier.upload(layer, id, [&e.gate, &e.up, &e.down])?)
     }
 
+    fn check_memory(&self, dense_bytes: u64) -> Result<()> {
+        let (free, _) = self.gpu.memory()?;
+        let (free, headroom) = (free as u64, moe_cuda::VRAM_HEADROOM);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        if dense_bytes + headroom > free {
+            return Err(CudaError::OutOfMemory(format!(
+                "the dense weights take {:.2} GiB and the GPU has {:.2} GiB free ({:.2} GiB kept for activations \
+                 and caches): run with --device cpu, or use a model with smaller dense weights",
+                gib(dense_bytes),
+                gib(free),
+                gib(headroom)
+            ))
+            .into());
+        }
+        if let moe_cuda::VramBudget::Bytes(b) = self.tier.requested_budget()
+            && dense_bytes + headroom + b > free
+        {
+            return Err(CudaError::OutOfMemory(format!(
+                "--vram-budget {:.2} GiB does not fit: the GPU has {:.2} GiB free, the dense weights take {:.2} GiB \
+                 and {:.2} GiB is kept for activations and caches; --vram-budget {}MiB would fit (or use auto)",
+                gib(b),
+                gib(free),
+                gib(dense_bytes),
+                gib(headroom),
+                (free - dense_bytes - headroom) >> 20
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     fn preload_experts(&self, store: &dyn ExpertSource, routing: &Routing) -> Result<()> {
         self.tier.set_budget(self.tier.requested_budget())?;
         let budget = self.tier.stats().budget.unwrap_or(0);

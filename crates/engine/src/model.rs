@@ -128,6 +128,7 @@ impl<B: Backend> Model<B> {
     pub fn load(files: &ModelFiles, config: ModelConfig, backend: B) -> Result<Self> {
         let c = &config;
         let t: &dyn TensorSource = &*files.tensors;
+        backend.check_memory(t.dense_bytes() as u64)?;
         let (h, offset) = (c.hidden, c.family.norm_offset());
         let weight = |name: &str, rows, cols| -> Result<B::Weight> { backend.weight(&t.matrix(name, rows, cols)?) };
         let values =

@@ -232,3 +232,17 @@ fn cuda_vram_hits_misses_and_evictions() {
     assert!(auto + moe_cuda::VRAM_HEADROOM <= free as u64 + (64 << 20), "auto {auto} vs free {free}");
     println!("{test}: auto budget {auto} bytes of {free} free; {}", g.name());
 }
+
+/// A VRAM budget larger than the GPU fails at load with the budget that would fit, which then
+/// loads.
+#[test]
+fn cuda_vram_budget_too_big_says_what_fits() {
+    let test = "cuda_vram_budget_too_big_says_what_fits";
+    let Some(g) = gpu(test, Budget::Bytes(1 << 50)) else { return };
+    let dir = fixture("qwen35_moe");
+    let err = moe_engine::load(&dir, None, g).err().expect("a 1 PiB budget loaded").to_string();
+    assert!(err.contains("out of GPU memory") && err.contains("would fit"), "{err}");
+    let fits: Budget = err.split("--vram-budget ").nth(2).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    let Some(g) = gpu(test, fits) else { return };
+    moe_engine::load(&dir, None, g).unwrap_or_else(|e| panic!("the suggested budget {fits} failed: {e:#}"));
+}
