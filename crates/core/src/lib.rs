@@ -4,6 +4,7 @@
 pub mod bytes;
 pub mod config;
 pub mod format;
+pub mod host_memory;
 pub mod ops;
 pub mod quant;
 pub mod sample;
@@ -13,3 +14,4 @@ pub mod tier;
 pub use bytes::Bytes;
 pub use config::{ConfigError, Family, LayerKind, ModelConfig};
 pub use format::{DType, Matrix, WeightFormat};
+pub use host_memory::{HOST_MEMORY_ALIGN, HostMemory};

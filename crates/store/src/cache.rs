@@ -118,6 +118,16 @@ impl<V: Clone> Cache<V> {
         true
     }
 
+    /// Drops `key` from the residents without counting an eviction; its value if it was
+    /// resident. Its use history stays.
+    pub fn remove(&mut self, key: usize) -> Option<V> {
+        let (value, bytes) = self.slots[key].take()?;
+        self.order.remove(&self.rank(key));
+        self.bytes -= bytes;
+        self.resident -= 1;
+        Some(value)
+    }
+
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -189,6 +199,20 @@ mod tests {
         c.touch(2); // the sixth use: every count is halved
         assert_eq!((c.uses[0], c.uses[1], c.uses[2]), (2, 0, 0));
         assert_eq!(c.evictions(), 1);
+    }
+
+    #[test]
+    fn remove_drops_a_resident_without_an_eviction() {
+        let mut c = run(Eviction::Lfru, 30, &[0, 0, 1, 2]);
+        assert_eq!(c.remove(0), Some(0));
+        assert_eq!(c.remove(0), None);
+        assert_eq!(c.remove(5), None);
+        assert_eq!((residents(&c), c.bytes(), c.evictions()), (vec![1, 2], 20, 0));
+        assert_eq!(c.uses[0], 2, "its uses stay");
+        // The freed room takes the next one without evicting.
+        c.touch(3);
+        assert!(c.insert(3, 3, 10, &mut Vec::new()));
+        assert_eq!((residents(&c), c.evictions()), (vec![1, 2, 3], 0));
     }
 
     #[test]

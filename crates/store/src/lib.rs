@@ -24,6 +24,7 @@ pub use expert_store::{ExpertStore, StoreStats};
 pub use hf::{open_hf, open_hf_with};
 pub use layout::{DIRECT_ALIGN, ExpertLayout, Extent, ReadPlan};
 pub use mlx::{is_mlx_dir, open_mlx};
+pub use moe_core::{HOST_MEMORY_ALIGN, HostMemory};
 pub use options::{
     Budget, DEFAULT_IO_THREADS, Eviction, OS_RESERVE, StoreOptions, auto_ram_budget, format_bytes, mem_available,
     parse_bytes,
@@ -32,7 +33,7 @@ pub use packed::{
     DENSE_FILE, DenseFormat, ExpertFormat, MANIFEST_FILE, expert_file_name, open_packed, open_packed_with,
     verify_packed, write_packed,
 };
-pub use reader::AlignedBuf;
+pub use reader::{AlignedBuf, READ_CHUNK};
 pub use synth::{SynthShape, write_synthetic};
 
 use moe_core::{Bytes, DType, Matrix, ModelConfig, WeightFormat};
@@ -124,6 +125,11 @@ pub trait ExpertSource: Send + Sync {
     /// Starts fetching experts that `expert` will be asked for soon; a hint, free to ignore.
     /// Never blocks on I/O.
     fn prefetch(&self, _layer: usize, _experts: &[usize]) {}
+    /// A hint that the caller now keeps expert `expert` of `layer` in a faster tier of its own (GPU
+    /// memory) and will not ask for it while it is there: a source with a RAM tier drops its copy,
+    /// so that the expert lives in one tier at a time. Expert buffers handed out stay valid. Free
+    /// to ignore; ids out of range are ignored.
+    fn release(&self, _layer: usize, _expert: usize) {}
     /// A snapshot of the source's counters (zeros for sources that keep none).
     fn stats(&self) -> StoreStats {
         StoreStats::default()

@@ -2,15 +2,18 @@
 //! packed files are read with `O_DIRECT` ([`StoreOptions`]), and the helpers the command-line
 //! flags need ([`parse_bytes`], [`auto_ram_budget`]).
 
+use moe_core::HostMemory;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Room [`Budget::Auto`] leaves for the operating system and everything else on the machine.
 pub const OS_RESERVE: u64 = 2 << 30;
 
-/// The I/O threads of a store unless told otherwise. One expert read of a real model is megabytes,
-/// which the kernel already splits into several device requests; eight reads in flight cover the
-/// eight to ten experts a Qwen MoE token routes to per layer.
+/// The I/O threads of a store unless told otherwise. Experts are read in chunks of
+/// [`READ_CHUNK`](crate::READ_CHUNK) (1 MiB), and eight chunks in flight (nine with the requesting
+/// thread) keep an NVMe drive's queue full through the eight to ten experts a Qwen MoE token routes
+/// to per layer, to the last one.
 pub const DEFAULT_IO_THREADS: usize = 8;
 
 /// The byte budget of the store's RAM tier.
@@ -90,20 +93,25 @@ impl fmt::Display for Eviction {
 }
 
 /// How [`open_with`](crate::open_with) sets up the expert store.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// Bytes of expert buffers the RAM tier may hold. A hard bound on cache-owned memory; see
     /// [`ExpertStore`](crate::ExpertStore) for what it does not count.
     pub ram_budget: Budget,
-    /// Threads that read experts in the background (prefetches, and the misses of a batch
-    /// request beyond the one the caller reads itself). 0 reads everything on the calling thread
-    /// and makes `prefetch` a no-op.
+    /// Threads that read experts in the background: the chunks of a request's misses (alongside
+    /// the requesting thread) and prefetches. 0 reads everything on the calling thread and makes
+    /// `prefetch` a no-op.
     pub io_threads: usize,
     pub eviction: Eviction,
     /// Read packed expert files with `O_DIRECT` (bypassing the page cache, into 4096-aligned
     /// buffers). Where the filesystem refuses it, the store says so once on stderr and reads
     /// through the page cache. Hugging Face directories are always read through the page cache.
     pub direct_io: bool,
+    /// Where expert buffers (the RAM tier, and what reads land in) are allocated: `None` for the
+    /// heap; a GPU backend passes page-locked memory, which it copies to the device without
+    /// staging. An allocator that refuses a request (`alloc` gives `None`) leaves that buffer to
+    /// the heap.
+    pub host_memory: Option<Arc<dyn HostMemory>>,
 }
 
 impl Default for StoreOptions {
@@ -113,9 +121,28 @@ impl Default for StoreOptions {
             io_threads: DEFAULT_IO_THREADS,
             eviction: Eviction::Lfru,
             direct_io: true,
+            host_memory: None,
         }
     }
 }
+
+/// Equal settings; allocators are equal when they are the same object.
+impl PartialEq for StoreOptions {
+    fn eq(&self, o: &Self) -> bool {
+        let same_memory = match (&self.host_memory, &o.host_memory) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
+            _ => false,
+        };
+        self.ram_budget == o.ram_budget
+            && self.io_threads == o.io_threads
+            && self.eviction == o.eviction
+            && self.direct_io == o.direct_io
+            && same_memory
+    }
+}
+
+impl Eq for StoreOptions {}
 
 /// Parses a byte count for the command line: `auto`, a plain number of bytes (`0`, `4096`), or a
 /// number (fractions allowed) with a unit: binary `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB`

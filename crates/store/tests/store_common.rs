@@ -37,7 +37,7 @@ pub fn packed_copy(name: &str, tmp: &Path, experts: ExpertFormat) -> PathBuf {
 }
 
 pub fn options(budget: u64, eviction: Eviction, io_threads: usize, direct_io: bool) -> StoreOptions {
-    StoreOptions { ram_budget: Budget::Bytes(budget), io_threads, eviction, direct_io }
+    StoreOptions { ram_budget: Budget::Bytes(budget), io_threads, eviction, direct_io, host_memory: None }
 }
 
 /// The nine byte arrays of an expert: data, scales, biases of gate, up, down.

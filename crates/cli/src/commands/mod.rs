@@ -80,6 +80,7 @@ impl ModelArgs {
             io_threads: self.io_threads,
             eviction: self.eviction,
             direct_io: !self.no_direct_io,
+            host_memory: None,
         }
     }
 
@@ -132,7 +133,7 @@ pub fn print_stats<B: moe_engine::Backend>(s: &GenerateStats, model: &moe_engine
 pub fn store_stats<B: moe_engine::Backend>(model: &moe_engine::Model<B>) -> String {
     let s = model.experts().stats();
     format!(
-        "[experts: {} requests, {:.1}% from RAM, {} read from disk ({:.1} MiB at {:.2} GB/s), waited {:.2}s on I/O, {} evictions, {:.1} MiB resident]",
+        "[experts: {} requests, {:.1}% from RAM, {} read from disk ({:.1} MiB at {:.2} GB/s), waited {:.2}s on I/O, {} evictions, {} released to VRAM, {:.1} MiB resident]",
         s.requests(),
         100.0 * s.hit_rate(),
         s.reads,
@@ -140,6 +141,7 @@ pub fn store_stats<B: moe_engine::Backend>(model: &moe_engine::Model<B>) -> Stri
         s.read_gbps(),
         s.stall_time.as_secs_f64(),
         s.evictions,
+        s.released,
         s.resident_bytes as f64 / (1 << 20) as f64,
     )
 }
