@@ -55,6 +55,10 @@ fn main() {
         bw.device,
         bw.host_to_device
     );
+    // What one launch costs the host: a one-element kernel, back to back.
+    let (mut a, b) = (gpu.zeros(1).unwrap(), gpu.zeros(1).unwrap());
+    let t = time(&gpu, 20000, |_| gpu.add(&mut a, &b, 1).unwrap());
+    println!("launch       one-element kernel back to back: {:.2} us each", t * 1e6);
     let q8 = WeightFormat::Affine { bits: 8, group: 64 };
     let q4 = WeightFormat::Affine { bits: 4, group: 64 };
     let bf16 = WeightFormat::Float(DType::BF16);

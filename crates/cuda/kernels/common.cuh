@@ -126,9 +126,11 @@ __device__ __forceinline__ void decode_chunk(uint4 raw, float s, float b, float*
 }
 
 // A 16-byte load of weights that are read once: not kept in L1 (which holds the inputs).
+// Volatile: the compiler must not hoist it above the bounds checks that guard it (a plain asm is
+// taken for a pure function of its operands and may be speculated).
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
         : "l"(p));
     return r;
@@ -163,6 +165,69 @@ __device__ __forceinline__ void chunk_dot(uint4 raw, const u16* __restrict__ sc,
             }
             acc[t] = a;
         }
+    }
+}
+
+// ---- One token (decode): a block of DEC_THREADS threads computes DEC_ROWS rows together. Every
+// thread takes chunk positions t, t + DEC_THREADS, ... of all the rows, so that it loads each
+// input chunk once for DEC_ROWS weight chunks (the input is read from L1 a quarter as often as
+// with one row per warp) and has DEC_ROWS loads in flight per position; the partial sums are
+// reduced over the block at the end.
+
+#define DEC_ROWS 4
+#define DEC_THREADS 128
+
+// The E inputs of chunk `c` into registers.
+template <int F>
+__device__ __forceinline__ void load_x(const float* __restrict__ x, int c, float* xr) {
+    const int E = Chunk<F>::E;
+    const float4* xv = (const float4*)(x + (u64)c * E);
+#pragma unroll
+    for (int i = 0; i < E / 4; i++) {
+        const float4 v = __ldg(xv + i);
+        xr[4 * i] = v.x;
+        xr[4 * i + 1] = v.y;
+        xr[4 * i + 2] = v.z;
+        xr[4 * i + 3] = v.w;
+    }
+}
+
+// dot(chunk `c` of a row, xr): `sc`/`bi` are the row's group scales and biases.
+template <int F>
+__device__ __forceinline__ float dot_chunk(uint4 raw, const u16* __restrict__ sc, const u16* __restrict__ bi, int c,
+                                           const float* xr) {
+    const int E = Chunk<F>::E;
+    float s = 0.0f, b = 0.0f;
+    if (Fmt<F>::AFFINE) {
+        const int g = (c * E) / GROUP;
+        s = bf16_to_f32(__ldg(sc + g));
+        b = bf16_to_f32(__ldg(bi + g));
+    }
+    float w[E];
+    decode_chunk<F>(raw, s, b, w);
+    float a = 0.0f;
+#pragma unroll
+    for (int i = 0; i < E; i++) a = fmaf(w[i], xr[i], a);
+    return a;
+}
+
+// Sums v[0..n) over the block (DEC_THREADS threads); thread i < n gets sum i. `red` holds
+// n x DEC_THREADS / 32 floats.
+template <int N>
+__device__ __forceinline__ void block_sums(float* v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = DEC_THREADS / 32;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        const float t = warp_sum(v[i]);
+        if (lane == 0) red[i * warps + warp] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x < N) {
+        float t = 0.0f;
+#pragma unroll
+        for (int w = 0; w < warps; w++) t += red[threadIdx.x * warps + w];
+        v[0] = t;
     }
 }
 

@@ -1,8 +1,8 @@
 // Matrix products `out[t] = W x[t]` over every weight format, and the embedding lookup.
 // `x` is [tokens, cols], `out` is [tokens, rows], both row-major f32.
 
-// ---- Few tokens: one warp per weight row, 16-byte streaming loads several in flight, each weight
-// chunk decoded once and used for up to NT tokens (1 for decode, MV_TOKENS for short batches).
+// ---- A few tokens (short batches): one warp per weight row, 16-byte streaming loads several in
+// flight, each weight chunk decoded once and used for up to NT tokens.
 
 #define MV_TOKENS 8
 #define MV_WARPS 8
@@ -43,6 +43,60 @@ __device__ __forceinline__ void matvec_impl(const u8* __restrict__ data, const u
             }
         }
     }
+}
+
+// One token: DEC_ROWS rows per block (see DEC_ROWS in common.cuh); two chunk positions in flight
+// per thread (one for 2-bit codes, whose 64 inputs per chunk take many registers).
+template <int F>
+__device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const u16* __restrict__ scales,
+                                             const u16* __restrict__ biases, int rows, int cols,
+                                             const float* __restrict__ x, float* __restrict__ out, int vec) {
+    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
+    const int r0 = blockIdx.x * DEC_ROWS;
+    const int nr = min(DEC_ROWS, rows - r0);
+    const u64 row_bytes = (u64)cols * Fmt<F>::BITS / 8;
+    const int groups = cols / GROUP;
+    float acc[DEC_ROWS];
+#pragma unroll
+    for (int i = 0; i < DEC_ROWS; i++) acc[i] = 0.0f;
+    if (vec) {
+        const int chunks = (int)(row_bytes / 16);
+        const int U = Chunk<F>::E >= 64 ? 1 : 2;
+        for (int c0 = threadIdx.x; c0 < chunks; c0 += DEC_THREADS * U) {
+            uint4 raw[U][DEC_ROWS];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int c = c0 + u * DEC_THREADS;
+#pragma unroll
+                for (int i = 0; i < DEC_ROWS; i++)
+                    if (c < chunks && i < nr) raw[u][i] = ld_stream((const uint4*)(data + (u64)(r0 + i) * row_bytes) + c);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int c = c0 + u * DEC_THREADS;
+                if (c < chunks) {
+                    float xr[Chunk<F>::E];
+                    load_x<F>(x, c, xr);
+#pragma unroll
+                    for (int i = 0; i < DEC_ROWS; i++) {
+                        if (i < nr) {
+                            const u64 g = (u64)(r0 + i) * groups;
+                            acc[i] += dot_chunk<F>(raw[u][i], scales + g, biases + g, c, xr);
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        for (int k = threadIdx.x; k < cols; k += DEC_THREADS) {
+            const float xv = x[k];
+#pragma unroll
+            for (int i = 0; i < DEC_ROWS; i++)
+                if (i < nr) acc[i] = fmaf(weight_at<F>(data, scales, biases, r0 + i, cols, k), xv, acc[i]);
+        }
+    }
+    block_sums<DEC_ROWS>(acc, red);
+    if (threadIdx.x < nr) out[r0 + threadIdx.x] = acc[0];
 }
 
 // ---- Many tokens: 64 rows x 64 tokens per block, weights dequantised once per tile into
@@ -126,10 +180,10 @@ __device__ __forceinline__ void embed_impl(const u8* data, const u16* scales, co
         matvec_impl<F, MV_TOKENS>(data, scales, biases, rows, cols, x, tokens, out, vec);                         \
     }                                                                                                              \
     /* One token (decode): a kernel of its own, so that it gets the registers of one accumulator. */               \
-    extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                                   \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                     \
         matvec1_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x, \
                        int tokens, float* out, int vec) {                                                          \
-        matvec_impl<F, 1>(data, scales, biases, rows, cols, x, tokens, out, vec);                                 \
+        matvec1_impl<F>(data, scales, biases, rows, cols, x, out, vec);                                            \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                                             \
         matmul_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x,  \

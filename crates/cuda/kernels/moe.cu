@@ -1,5 +1,5 @@
 // The mixture of experts of one decoded token: the router's softmax and top-k on the device, then
-// every selected expert in two launches (gate and up with SwiGLU for all slots; down for all slots
+// every selected expert in two launches (blocks of DEC_ROWS rows, as the one-token matvec) (gate and up with SwiGLU for all slots; down for all slots
 // summed with the routing weights), so that a layer's experts cost three launches and no copy back
 // to the host when every expert is resident.
 
@@ -92,89 +92,117 @@ extern "C" __global__ void __launch_bounds__(32) route_topk(const float* __restr
     }
 }
 
-// h[k][r] = silu(gate_k[r] . x) * (up_k[r] . x) for slot k = blockIdx.y and rows r < inter (one
-// warp per row); gate and up chunks are loaded together, so that four loads are in flight.
+// h[k][r] = silu(gate_k[r] . x) * (up_k[r] . x) for slot k = blockIdx.y and DEC_ROWS rows r per
+// block: each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS up chunks.
 template <int F>
 __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
                                                  float* __restrict__ h) {
-    const int k = blockIdx.y, lane = threadIdx.x & 31;
-    const int r = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
-    if (r >= inter) return;
+    __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
+    __shared__ float sums[2 * DEC_ROWS];
+    const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS;
+    const int nr = min(DEC_ROWS, inter - r0);
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
-    const uint4* gw = (const uint4*)(slot_part(m, k, 0) + r * row_bytes);
-    const uint4* uw = (const uint4*)(slot_part(m, k, 3) + r * row_bytes);
-    const u16* gs = (const u16*)slot_part(m, k, 1) + (u64)r * groups;
-    const u16* gb = (const u16*)slot_part(m, k, 2) + (u64)r * groups;
-    const u16* us = (const u16*)slot_part(m, k, 4) + (u64)r * groups;
-    const u16* ub = (const u16*)slot_part(m, k, 5) + (u64)r * groups;
-    float g = 0.0f, u = 0.0f;
-    int c = lane;
-    for (; c + 32 < chunks; c += 64) {
-        const uint4 g0 = ld_stream(gw + c), u0 = ld_stream(uw + c);
-        const uint4 g1 = ld_stream(gw + c + 32), u1 = ld_stream(uw + c + 32);
-        chunk_dot<F, 1>(g0, gs, gb, c, x, 0, 1, &g);
-        chunk_dot<F, 1>(u0, us, ub, c, x, 0, 1, &u);
-        chunk_dot<F, 1>(g1, gs, gb, c + 32, x, 0, 1, &g);
-        chunk_dot<F, 1>(u1, us, ub, c + 32, x, 0, 1, &u);
+    const u8* gw = slot_part(m, k, 0);
+    const u8* uw = slot_part(m, k, 3);
+    const u16* gs = (const u16*)slot_part(m, k, 1);
+    const u16* gb = (const u16*)slot_part(m, k, 2);
+    const u16* us = (const u16*)slot_part(m, k, 4);
+    const u16* ub = (const u16*)slot_part(m, k, 5);
+    float acc[2 * DEC_ROWS];
+#pragma unroll
+    for (int i = 0; i < 2 * DEC_ROWS; i++) acc[i] = 0.0f;
+    for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
+        uint4 raw[2 * DEC_ROWS];
+#pragma unroll
+        for (int i = 0; i < DEC_ROWS; i++) {
+            if (i < nr) {
+                raw[i] = ld_stream((const uint4*)(gw + (u64)(r0 + i) * row_bytes) + c);
+                raw[DEC_ROWS + i] = ld_stream((const uint4*)(uw + (u64)(r0 + i) * row_bytes) + c);
+            }
+        }
+        float xr[Chunk<F>::E];
+        load_x<F>(x, c, xr);
+#pragma unroll
+        for (int i = 0; i < DEC_ROWS; i++) {
+            if (i < nr) {
+                const u64 g = (u64)(r0 + i) * groups;
+                acc[i] += dot_chunk<F>(raw[i], gs + g, gb + g, c, xr);
+                acc[DEC_ROWS + i] += dot_chunk<F>(raw[DEC_ROWS + i], us + g, ub + g, c, xr);
+            }
+        }
     }
-    if (c < chunks) {
-        const uint4 g0 = ld_stream(gw + c), u0 = ld_stream(uw + c);
-        chunk_dot<F, 1>(g0, gs, gb, c, x, 0, 1, &g);
-        chunk_dot<F, 1>(u0, us, ub, c, x, 0, 1, &u);
-    }
-    g = warp_sum(g);
-    u = warp_sum(u);
-    if (lane == 0) h[(u64)k * inter + r] = siluf_(g) * u;
+    block_sums<2 * DEC_ROWS>(acc, red);
+    if (threadIdx.x < 2 * DEC_ROWS) sums[threadIdx.x] = acc[0];
+    __syncthreads();
+    if (threadIdx.x < nr) h[(u64)k * inter + r0 + threadIdx.x] = siluf_(sums[threadIdx.x]) * sums[DEC_ROWS + threadIdx.x];
 }
 
 // out[r] += sum over slots k of w_k * (down_k[r] . h[k]), w_k = weights[k] (or its sigmoid when
-// `sigmoid`, for the gated shared expert); one warp per output row, four slots' chunks in flight.
+// `sigmoid`, for the gated shared expert), for DEC_ROWS rows r per block. The block's threads share
+// the (slot, chunk) pairs; each loads a chunk of h[k] once for DEC_ROWS rows, two pairs in flight.
 template <int F>
 __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, const float* __restrict__ h, int hidden,
                                               int inter, const float* __restrict__ weights, int sigmoid,
                                               float* __restrict__ out) {
     __shared__ float w[MOE_MAX_SLOTS];
+    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
     if (threadIdx.x < slots) {
         const float v = weights[threadIdx.x];
         w[threadIdx.x] = sigmoid ? sigmoidf_(v) : v;
     }
     __syncthreads();
-    const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
-    if (r >= hidden) return;
+    const int r0 = blockIdx.x * DEC_ROWS;
+    const int nr = min(DEC_ROWS, hidden - r0);
     const u64 row_bytes = (u64)inter * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = inter / GROUP;
-    float total = 0.0f;
-    for (int c = lane; c < chunks; c += 32) {
-        for (int k0 = 0; k0 < slots; k0 += 4) {
-            uint4 raw[4];
+    const int items = slots * chunks;
+    const int U = Chunk<F>::E >= 64 ? 1 : 2;
+    float acc[DEC_ROWS];
 #pragma unroll
-            for (int i = 0; i < 4; i++)
-                if (k0 + i < slots) raw[i] = ld_stream((const uint4*)(slot_part(m, k0 + i, 6) + r * row_bytes) + c);
+    for (int i = 0; i < DEC_ROWS; i++) acc[i] = 0.0f;
+    for (int it0 = threadIdx.x; it0 < items; it0 += U * DEC_THREADS) {
+        uint4 raw[U][DEC_ROWS];
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int k = k0 + i;
-                if (k < slots) {
-                    const u16* s = (const u16*)slot_part(m, k, 7) + (u64)r * groups;
-                    const u16* b = (const u16*)slot_part(m, k, 8) + (u64)r * groups;
-                    float a = 0.0f;
-                    chunk_dot<F, 1>(raw[i], s, b, c, h + (u64)k * inter, 0, 1, &a);
-                    total = fmaf(w[k], a, total);
+        for (int u = 0; u < U; u++) {
+            const int it = it0 + u * DEC_THREADS;
+            if (it < items) {
+                const int k = it / chunks, c = it - k * chunks;
+                const u8* d = slot_part(m, k, 6);
+#pragma unroll
+                for (int i = 0; i < DEC_ROWS; i++)
+                    if (i < nr) raw[u][i] = ld_stream((const uint4*)(d + (u64)(r0 + i) * row_bytes) + c);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int it = it0 + u * DEC_THREADS;
+            if (it < items) {
+                const int k = it / chunks, c = it - k * chunks;
+                const u16* sc = (const u16*)slot_part(m, k, 7);
+                const u16* bi = (const u16*)slot_part(m, k, 8);
+                float xr[Chunk<F>::E];
+                load_x<F>(h + (u64)k * inter, c, xr);
+#pragma unroll
+                for (int i = 0; i < DEC_ROWS; i++) {
+                    if (i < nr) {
+                        const u64 g = (u64)(r0 + i) * groups;
+                        acc[i] = fmaf(w[k], dot_chunk<F>(raw[u][i], sc + g, bi + g, c, xr), acc[i]);
+                    }
                 }
             }
         }
     }
-    total = warp_sum(total);
-    if (lane == 0) out[r] += total;
+    block_sums<DEC_ROWS>(acc, red);
+    if (threadIdx.x < nr) out[r0 + threadIdx.x] += acc[0];
 }
 
 #define DEFINE_MOE(NAME, F)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                                  \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                    \
         moe_gate_up_##NAME(const MoeSlots m, const float* x, int hidden, int inter, float* h) {                   \
         moe_gate_up_impl<F>(m, x, hidden, inter, h);                                                              \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(32 * MV_WARPS)                                                  \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                    \
         moe_down_##NAME(const MoeSlots m, int slots, const float* h, int hidden, int inter, const float* weights, \
                         int sigmoid, float* out) {                                                                \
         moe_down_impl<F>(m, slots, h, hidden, inter, weights, sigmoid, out);                                      \

@@ -68,6 +68,9 @@ pub(crate) const KERNELS: &[&str] = &[
 /// 8 tokens); above it, as the tiled kernel.
 const MATVEC_MAX_TOKENS: usize = 8;
 const MV_ROWS_PER_BLOCK: u32 = 8;
+/// The one-token kernels' blocks: `DEC_ROWS` rows by `DEC_THREADS` threads (common.cuh).
+const DEC_ROWS: u32 = 4;
+const DEC_THREADS: u32 = 128;
 const TILE: u32 = 64;
 /// Limits of the attention and DeltaNet kernels (register arrays, shared memory).
 const ATTN_MAX_HEAD_DIM: usize = 512;
@@ -324,7 +327,10 @@ impl Gpu {
     ) -> Result<&'a [i32]> {
         assert!(len <= ids.len() && len <= host.len(), "read_ids: {len} values");
         self.stream.memcpy_dtoh(&ids.slice(0..len), host).what("copying to the host")?;
-        Ok(&host.as_slice().what("waiting for a copy to the host")?[..len])
+        // The pinned slice's own event is not recorded with event tracking off (see `Gpu::new`).
+        let copied = self.stream.record_event(None).what("recording an event")?;
+        copied.synchronize().what("waiting for a copy to the host")?;
+        Ok(&host.as_slice().what("reading pinned memory")?[..len])
     }
 
     pub fn upload_u64(&self, values: &[u64]) -> Result<CudaSlice<u64>> {
@@ -440,10 +446,12 @@ impl Gpu {
                 _ => "matvec_q2",
             });
             let vec = w.vectorised() as i32;
-            let blocks = (w.rows as u32).div_ceil(MV_ROWS_PER_BLOCK);
+            // One token: DEC_ROWS rows per block of DEC_THREADS; more: one row per warp.
+            let (rows_per_block, threads) =
+                if tokens == 1 { (DEC_ROWS, DEC_THREADS) } else { (MV_ROWS_PER_BLOCK, 32 * MV_ROWS_PER_BLOCK) };
             let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (32 * MV_ROWS_PER_BLOCK, 1, 1),
+                grid_dim: ((w.rows as u32).div_ceil(rows_per_block), 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut b = self.stream.launch_builder(f);
@@ -759,14 +767,21 @@ impl DeviceMatrix {
     }
 }
 
+/// The addresses of an expert's nine parts (0 for absent ones).
+fn expert_parts(gpu: &Gpu, e: &[&DeviceMatrix; 3]) -> [u64; 9] {
+    let [g, u, d] = e.map(|m| m.part_ptrs(gpu));
+    [g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2]]
+}
+
 /// The address of an expert's gate codes, and the addresses of its parts relative to it (what
 /// [`MoeExperts::Table`] needs: a table holds the first, every expert of a layer shares the second).
 pub fn expert_offsets(gpu: &Gpu, e: &[&DeviceMatrix; 3]) -> (u64, [u64; 9]) {
-    let p: Vec<u64> = e.iter().flat_map(|m| m.part_ptrs(gpu)).collect();
+    let p = expert_parts(gpu, e);
     let base = p[0];
     let mut off = [0u64; 9];
     for (o, v) in off.iter_mut().zip(&p) {
-        *o = v.wrapping_sub(base);
+        // Absent parts (float formats) are never read: offset 0, the same for every expert.
+        *o = if *v == 0 { 0 } else { v.wrapping_sub(base) };
     }
     (base, off)
 }
@@ -836,7 +851,7 @@ impl Gpu {
                     // One slot may have its parts anywhere (base 0, absolute offsets); several
                     // share one layout.
                     if list.len() == 1 {
-                        arg.off = off.map(|o| o.wrapping_add(base));
+                        arg.off = expert_parts(self, e);
                     } else if off != arg.off {
                         return Err(Error::Unsupported("experts laid out differently in one launch".into()));
                     } else {
@@ -875,8 +890,8 @@ impl Gpu {
             (i32_of(hidden, "hidden"), i32_of(inter, "inter"), slots as i32, sigmoid as i32);
         let name = format!("moe_gate_up_{}", gate.suffix());
         let cfg = LaunchConfig {
-            grid_dim: ((inter as u32).div_ceil(MV_ROWS_PER_BLOCK), slots as u32, 1),
-            block_dim: (32 * MV_ROWS_PER_BLOCK, 1, 1),
+            grid_dim: ((inter as u32).div_ceil(DEC_ROWS), slots as u32, 1),
+            block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&self.functions[name.as_str()]);
@@ -884,8 +899,8 @@ impl Gpu {
         unsafe { b.launch(cfg) }.what("launching moe_gate_up")?;
         let name = format!("moe_down_{}", down.suffix());
         let cfg = LaunchConfig {
-            grid_dim: ((hidden as u32).div_ceil(MV_ROWS_PER_BLOCK), 1, 1),
-            block_dim: (32 * MV_ROWS_PER_BLOCK, 1, 1),
+            grid_dim: ((hidden as u32).div_ceil(DEC_ROWS), 1, 1),
+            block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&self.functions[name.as_str()]);
