@@ -12,6 +12,9 @@ pub struct TierStats {
     pub resident_bytes: u64,
     /// The budget in bytes; `None` while an automatic budget is not yet resolved (no upload yet).
     pub budget: Option<u64>,
+    /// Misses copied straight from page-locked host memory (the expert store's buffers), without
+    /// a staging copy.
+    pub direct_uploads: u64,
 }
 
 impl TierStats {

@@ -2,11 +2,15 @@
 //! budget, keyed by `(layer, expert)`, evicted least-used first (counts with ageing, ties to the
 //! least recent; see `tier.rs`). A hit costs no host-to-device copy.
 //!
-//! A miss is uploaded through pinned staging buffers on a copy stream of its own: the expert's
-//! bytes are copied (by several threads) into the next free staging buffer, one DMA moves them into
-//! a fresh device buffer (stream-ordered allocation on the copy stream), and the compute stream
-//! waits on an event recorded after the DMA, so the kernels that use the expert run after it has
-//! arrived while the work queued before them (the shared expert, earlier experts) overlaps the copy.
+//! A miss is uploaded on a copy stream of its own into a fresh device buffer (stream-ordered
+//! allocation on the copy stream), and the compute stream waits on an event recorded after the
+//! copy, so the kernels that use the expert run after it has arrived while the work queued before
+//! them (the shared expert, earlier experts) overlaps the copy. When every part of the expert lies
+//! in the GPU's [`PinnedPool`] (the expert store allocates its buffers there), each part is copied
+//! straight from the store's buffer by one DMA, and the expert's host bytes are held until an event
+//! recorded after the copies has completed (checked at later uploads, never waited for on the
+//! compute stream). Otherwise the bytes are copied (by several threads) into the next free pinned
+//! staging buffer and one DMA moves them.
 //!
 //! Lifetimes are ordered with events as well: each [`ExpertHandle`] records its entry's `last_use`
 //! event on the compute stream when dropped (after the kernels that read it were queued), and an
@@ -18,12 +22,14 @@
 //! freed a few uploads later.
 
 use crate::device::{DeviceMatrix, PartRanges, layout};
+use crate::pinned::PinnedPool;
 use crate::tier::Policy;
 use crate::{Context, Error, Gpu, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, PinnedHostSlice};
 use moe_core::Matrix;
 use moe_core::tier::TierStats;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -114,6 +120,13 @@ struct Copier {
     ready: CudaEvent,
 }
 
+/// A copy straight from the expert store's pinned buffers: the parts (which hold their buffers)
+/// stay alive until `done`, recorded on the copy stream after the copies, has completed.
+struct InFlight {
+    done: CudaEvent,
+    _parts: [Matrix; 3],
+}
+
 /// The GPU-memory tier of one [`Gpu`]; see the module docs.
 pub struct ExpertTier {
     ctx: Arc<CudaContext>,
@@ -121,6 +134,20 @@ pub struct ExpertTier {
     copy: Arc<CudaStream>,
     state: Mutex<State>,
     copier: Mutex<Copier>,
+    /// Where the expert store's buffers are when they can be copied without staging.
+    pool: Arc<PinnedPool>,
+    /// Copies from the store's buffers not known to be complete, oldest first.
+    in_flight: Mutex<VecDeque<InFlight>>,
+    /// Uploads copied straight from pinned host memory (no staging).
+    direct_uploads: AtomicU64,
+}
+
+impl Drop for ExpertTier {
+    fn drop(&mut self) {
+        // No host buffer goes back to the store's memory while a copy may still read it.
+        let r = self.copy.synchronize();
+        self.ctx.record_err(r);
+    }
 }
 
 impl Gpu {
@@ -143,6 +170,9 @@ impl Gpu {
                 retired: VecDeque::new(),
             }),
             copier: Mutex::new(Copier { staging, next: 0, ready: event()? }),
+            pool: self.pinned_pool(),
+            in_flight: Mutex::new(VecDeque::new()),
+            direct_uploads: AtomicU64::new(0),
         };
         if let VramBudget::Bytes(b) = budget {
             tier.state.lock().unwrap().cache = Some(Policy::new(b));
@@ -247,11 +277,49 @@ impl ExpertTier {
         Ok(ExpertHandle { entry, compute: self.compute.clone() })
     }
 
-    /// Copies the parts into a new device buffer of `len` bytes through a staging buffer; the
-    /// compute stream waits for the copy.
+    /// Copies the parts into a new device buffer of `len` bytes, straight from the host when
+    /// every part lies in the pinned pool, else through a staging buffer; the compute stream waits
+    /// for the copy.
     fn copy_in(&self, parts: &[&Matrix; 3], ranges: &[PartRanges], len: usize) -> Result<CudaSlice<u8>> {
+        self.reap();
+        let mut pieces: Vec<(usize, &[u8])> = Vec::with_capacity(9);
+        for (m, (data, scales, biases)) in parts.iter().zip(ranges) {
+            pieces.push((data.start, &m.data[..]));
+            if let Some(r) = scales {
+                pieces.push((r.start, &m.scales[..]));
+            }
+            if let Some(r) = biases {
+                pieces.push((r.start, &m.biases[..]));
+            }
+        }
+        pieces.retain(|(_, bytes)| !bytes.is_empty());
+        let pinned = pieces.iter().all(|(_, bytes)| self.pool.contains(bytes.as_ptr(), bytes.len()));
         let mut guard = self.copier.lock().unwrap();
         let Copier { staging, next, ready } = &mut *guard;
+        if pinned {
+            let mut buf = self.alloc_expert(len)?;
+            {
+                let (dst, _sync) = buf.device_ptr_mut(&self.copy);
+                for &(offset, bytes) in &pieces {
+                    // SAFETY: `bytes` is page-locked memory that stays allocated and unchanged until
+                    // `done` (recorded after these copies) has completed: the parts holding it are
+                    // kept in `in_flight` until then. `offset..offset + bytes.len()` lies in the
+                    // `len`-byte buffer (the layout).
+                    unsafe {
+                        cudarc::driver::result::memcpy_htod_async(dst + offset as u64, bytes, self.copy.cu_stream())
+                    }
+                    .what("copying an expert to the device")?;
+                }
+            }
+            let done = self.ctx.new_event(None).what("creating an event")?;
+            done.record(&self.copy).what("recording an event")?;
+            let parts = parts.map(|m| m.clone());
+            self.in_flight.lock().unwrap().push_back(InFlight { done, _parts: parts });
+            self.direct_uploads.fetch_add(1, Ordering::Relaxed);
+            ready.record(&self.copy).what("recording an event")?;
+            self.compute.wait(ready).what("ordering the compute stream after a copy")?;
+            return Ok(buf);
+        }
         let Staging { buf: pinned, done } = &mut staging[*next];
         *next = (*next + 1) % STAGING_BUFFERS;
         // Its previous DMA must be done before the host rewrites it.
@@ -264,26 +332,9 @@ impl ExpertTier {
         }
         let host = pinned.as_mut().unwrap().as_mut_slice().what("mapping a staging buffer")?;
         let host = &mut host[..len];
-        let mut pieces: Vec<(usize, &[u8])> = Vec::with_capacity(9);
-        for (m, (data, scales, biases)) in parts.iter().zip(ranges) {
-            pieces.push((data.start, &m.data[..]));
-            if let Some(r) = scales {
-                pieces.push((r.start, &m.scales[..]));
-            }
-            if let Some(r) = biases {
-                pieces.push((r.start, &m.biases[..]));
-            }
-        }
         copy_pieces(host, &pieces);
 
-        // SAFETY: every byte the matrices use is written by the copy below; padding is never read.
-        let mut buf = unsafe { self.copy.alloc::<u8>(len.max(1)) }.map_err(|e| {
-            let budget = self.stats().budget.map_or("unresolved".into(), |b| b.to_string());
-            Error::OutOfMemory(format!(
-                "no room for an expert of {len} bytes ({e:?}) with a VRAM budget of {budget} bytes; \
-                 set a smaller --vram-budget"
-            ))
-        })?;
+        let mut buf = self.alloc_expert(len)?;
         {
             let (dst, _sync) = buf.device_ptr_mut(&self.copy);
             // SAFETY: `host` is pinned and stays untouched until `done` (recorded next) completes;
@@ -297,6 +348,46 @@ impl ExpertTier {
         Ok(buf)
     }
 
+    /// Uploads so far that were copied straight from the expert store's pinned buffers, without
+    /// staging (the others went through staging).
+    pub fn direct_uploads(&self) -> u64 {
+        self.direct_uploads.load(Ordering::Relaxed)
+    }
+
+    /// A device buffer of `len` bytes for an expert, allocated on the copy stream.
+    fn alloc_expert(&self, len: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: every byte the matrices use is written by the copies that follow; padding is
+        // never read.
+        unsafe { self.copy.alloc::<u8>(len.max(1)) }.map_err(|e| {
+            let budget = self.stats().budget.map_or("unresolved".into(), |b| b.to_string());
+            Error::OutOfMemory(format!(
+                "no room for an expert of {len} bytes ({e:?}) with a VRAM budget of {budget} bytes; \
+                 set a smaller --vram-budget"
+            ))
+        })
+    }
+
+    /// Lets go of the host bytes of the direct copies that have completed (events complete in
+    /// the order they were recorded on the copy stream).
+    fn reap(&self) {
+        let mut finished = Vec::new();
+        {
+            let mut q = self.in_flight.lock().unwrap();
+            while let Some(f) = q.front() {
+                match f.done.try_is_complete() {
+                    Ok(true) => finished.extend(q.pop_front()),
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.ctx.record_err::<()>(Err(e));
+                        break;
+                    }
+                }
+            }
+        }
+        // Buffers nobody else holds go back to the store's memory here, outside the lock.
+        drop(finished);
+    }
+
     pub fn stats(&self) -> TierStats {
         let s = self.state.lock().unwrap();
         let c = s.cache.as_ref();
@@ -308,6 +399,7 @@ impl ExpertTier {
             resident_experts: c.map_or(0, |c| c.resident()),
             resident_bytes: c.map_or(0, |c| c.bytes()),
             budget: c.map(|c| c.budget()),
+            direct_uploads: self.direct_uploads(),
         }
     }
 
@@ -335,6 +427,7 @@ impl ExpertTier {
         s.hits = 0;
         s.misses = 0;
         s.bytes_uploaded = 0;
+        self.direct_uploads.store(0, Ordering::Relaxed);
         if let Some(c) = &mut s.cache {
             c.reset_counters();
         }

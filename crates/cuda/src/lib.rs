@@ -9,12 +9,14 @@
 mod device;
 mod experts;
 mod loader;
+mod pinned;
 mod ptx;
 mod tier;
 
 pub use cudarc::driver::{CudaSlice, PinnedHostSlice};
 pub use device::{DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, ROUTE_MAX_EXPERTS, expert_offsets};
 pub use experts::{Bandwidth, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget};
+pub use pinned::{PinnedPool, PinnedStats};
 
 /// Why a GPU could not be used or an operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -99,9 +99,10 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
         let hits = (v.hits - b.hits) as f64 / n;
         let misses = (v.misses - b.misses) as f64 / n;
         let uploaded = (v.bytes_uploaded - b.bytes_uploaded) as f64 / n;
-        (v, hits, misses, uploaded)
+        let direct = (v.direct_uploads - b.direct_uploads) as f64 / n;
+        (v, hits, misses, uploaded, direct)
     });
-    let gpu = vram.and_then(|(_, vram_hits, _, uploaded)| {
+    let gpu = vram.and_then(|(_, vram_hits, _, uploaded, _)| {
         let (dev_gbps, h2d_gbps) = model.backend().device_bandwidth(a.probe_seconds)?;
         let times = [
             ("gpu memory", (dense_per_token as f64 + vram_hits * expert_bytes as f64) / (dev_gbps * GB)),
@@ -138,7 +139,7 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
             "fraction_of_roofline": tok_s / roofline,
             "ms_per_layer": phases,
         });
-        if let Some((v, hits, misses, uploaded)) = vram {
+        if let Some((v, hits, misses, uploaded, direct)) = vram {
             report["vram"] = serde_json::json!({
                 "budget": v.budget,
                 "resident_experts": v.resident_experts,
@@ -148,6 +149,7 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
                 "bytes_uploaded_per_token": uploaded,
                 "hit_rate": hits / (hits + misses).max(1e-9),
                 "evictions": v.evictions,
+                "direct_uploads_per_token": direct,
             });
         }
         if let Some((dev, h2d, _, bound, roof)) = gpu {
@@ -201,9 +203,9 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
             100.0 * tok_s / roofline
         );
     }
-    if let Some((v, hits, misses, uploaded)) = vram {
+    if let Some((v, hits, misses, uploaded, direct)) = vram {
         println!(
-            "vram tier    budget {}: {} experts resident ({:.2} GiB), {} evictions; per token {:.1} hits, {:.1} misses ({:.1}% hits), {:.1} MiB uploaded",
+            "vram tier    budget {}: {} experts resident ({:.2} GiB), {} evictions; per token {:.1} hits, {:.1} misses ({:.1}% hits), {:.1} MiB uploaded ({:.0}% of uploads without staging)",
             v.budget.map_or("auto (unresolved)".to_string(), moe_store::format_bytes),
             v.resident_experts,
             v.resident_bytes as f64 / (1u64 << 30) as f64,
@@ -211,7 +213,8 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
             hits,
             misses,
             100.0 * hits / (hits + misses).max(1e-9),
-            mib(uploaded)
+            mib(uploaded),
+            100.0 * direct / misses.max(1e-9)
         );
     }
     if let Some((dev, h2d, times, bound, roof)) = gpu {

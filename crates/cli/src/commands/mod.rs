@@ -91,13 +91,18 @@ impl ModelArgs {
             Device::Auto => CudaBackend::with_vram_budget(0, self.vram_budget).ok(),
         };
         Ok(match gpu {
-            Some(g) => AnyModel::Cuda(Box::new(self.load_on(g)?)),
-            None => AnyModel::Cpu(Box::new(self.load_on(CpuBackend)?)),
+            Some(g) => {
+                // Expert buffers in the GPU's page-locked memory: disk reads land where the DMA
+                // to the device reads from, with no staging copy.
+                let store = StoreOptions { host_memory: Some(g.gpu().pinned_pool()), ..self.store_options() };
+                AnyModel::Cuda(Box::new(self.load_on(g, &store)?))
+            }
+            None => AnyModel::Cpu(Box::new(self.load_on(CpuBackend, &self.store_options())?)),
         })
     }
 
-    fn load_on<B: moe_engine::Backend>(&self, backend: B) -> Result<Model<B>> {
-        moe_engine::load_with(&self.model, self.experts_per_token, &self.store_options(), backend)
+    fn load_on<B: moe_engine::Backend>(&self, backend: B, store: &StoreOptions) -> Result<Model<B>> {
+        moe_engine::load_with(&self.model, self.experts_per_token, store, backend)
     }
 }
 
