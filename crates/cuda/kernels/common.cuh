@@ -192,19 +192,22 @@ __device__ __forceinline__ void load_x(const float* __restrict__ x, int c, float
     }
 }
 
-// dot(chunk `c` of a row, xr): `sc`/`bi` are the row's group scales and biases.
+// The group scale and bias of chunk `c` of a row (`sc`/`bi` point at the row's groups), still in
+// bf16: loaded together with the chunk's codes, so that both are in flight at once (loading them
+// when the codes arrive costs a second round trip to memory).
 template <int F>
-__device__ __forceinline__ float dot_chunk(uint4 raw, const u16* __restrict__ sc, const u16* __restrict__ bi, int c,
-                                           const float* xr) {
+__device__ __forceinline__ uint2 load_sb(const u16* __restrict__ sc, const u16* __restrict__ bi, int c) {
+    if (!Fmt<F>::AFFINE) return make_uint2(0, 0);
+    const int g = (c * Chunk<F>::E) / GROUP;
+    return make_uint2(__ldg(sc + g), __ldg(bi + g));
+}
+
+// dot(a chunk of a row, xr), with its scale and bias from `load_sb`.
+template <int F>
+__device__ __forceinline__ float dot_chunk(uint4 raw, uint2 sb, const float* xr) {
     const int E = Chunk<F>::E;
-    float s = 0.0f, b = 0.0f;
-    if (Fmt<F>::AFFINE) {
-        const int g = (c * E) / GROUP;
-        s = bf16_to_f32(__ldg(sc + g));
-        b = bf16_to_f32(__ldg(bi + g));
-    }
     float w[E];
-    decode_chunk<F>(raw, s, b, w);
+    decode_chunk<F>(raw, bf16_to_f32(sb.x), bf16_to_f32(sb.y), w);
     float a = 0.0f;
 #pragma unroll
     for (int i = 0; i < E; i++) a = fmaf(w[i], xr[i], a);

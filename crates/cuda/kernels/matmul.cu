@@ -64,12 +64,18 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
         const int U = Chunk<F>::E >= 64 ? 1 : 2;
         for (int c0 = threadIdx.x; c0 < chunks; c0 += DEC_THREADS * U) {
             uint4 raw[U][DEC_ROWS];
+            uint2 sb[U][DEC_ROWS];
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int c = c0 + u * DEC_THREADS;
 #pragma unroll
-                for (int i = 0; i < DEC_ROWS; i++)
-                    if (c < chunks && i < nr) raw[u][i] = ld_stream((const uint4*)(data + (u64)(r0 + i) * row_bytes) + c);
+                for (int i = 0; i < DEC_ROWS; i++) {
+                    if (c < chunks && i < nr) {
+                        const u64 g = (u64)(r0 + i) * groups;
+                        raw[u][i] = ld_stream((const uint4*)(data + (u64)(r0 + i) * row_bytes) + c);
+                        sb[u][i] = load_sb<F>(scales + g, biases + g, c);
+                    }
+                }
             }
 #pragma unroll
             for (int u = 0; u < U; u++) {
@@ -78,12 +84,8 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
                     float xr[Chunk<F>::E];
                     load_x<F>(x, c, xr);
 #pragma unroll
-                    for (int i = 0; i < DEC_ROWS; i++) {
-                        if (i < nr) {
-                            const u64 g = (u64)(r0 + i) * groups;
-                            acc[i] += dot_chunk<F>(raw[u][i], scales + g, biases + g, c, xr);
-                        }
-                    }
+                    for (int i = 0; i < DEC_ROWS; i++)
+                        if (i < nr) acc[i] += dot_chunk<F>(raw[u][i], sb[u][i], xr);
                 }
             }
         }

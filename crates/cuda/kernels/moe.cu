@@ -114,11 +114,15 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
     for (int i = 0; i < 2 * DEC_ROWS; i++) acc[i] = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
         uint4 raw[2 * DEC_ROWS];
+        uint2 sb[2 * DEC_ROWS];
 #pragma unroll
         for (int i = 0; i < DEC_ROWS; i++) {
             if (i < nr) {
+                const u64 g = (u64)(r0 + i) * groups;
                 raw[i] = ld_stream((const uint4*)(gw + (u64)(r0 + i) * row_bytes) + c);
                 raw[DEC_ROWS + i] = ld_stream((const uint4*)(uw + (u64)(r0 + i) * row_bytes) + c);
+                sb[i] = load_sb<F>(gs + g, gb + g, c);
+                sb[DEC_ROWS + i] = load_sb<F>(us + g, ub + g, c);
             }
         }
         float xr[Chunk<F>::E];
@@ -126,9 +130,8 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
 #pragma unroll
         for (int i = 0; i < DEC_ROWS; i++) {
             if (i < nr) {
-                const u64 g = (u64)(r0 + i) * groups;
-                acc[i] += dot_chunk<F>(raw[i], gs + g, gb + g, c, xr);
-                acc[DEC_ROWS + i] += dot_chunk<F>(raw[DEC_ROWS + i], us + g, ub + g, c, xr);
+                acc[i] += dot_chunk<F>(raw[i], sb[i], xr);
+                acc[DEC_ROWS + i] += dot_chunk<F>(raw[DEC_ROWS + i], sb[DEC_ROWS + i], xr);
             }
         }
     }
@@ -163,15 +166,23 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
     for (int i = 0; i < DEC_ROWS; i++) acc[i] = 0.0f;
     for (int it0 = threadIdx.x; it0 < items; it0 += U * DEC_THREADS) {
         uint4 raw[U][DEC_ROWS];
+        uint2 sb[U][DEC_ROWS];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int it = it0 + u * DEC_THREADS;
             if (it < items) {
                 const int k = it / chunks, c = it - k * chunks;
                 const u8* d = slot_part(m, k, 6);
+                const u16* sc = (const u16*)slot_part(m, k, 7);
+                const u16* bi = (const u16*)slot_part(m, k, 8);
 #pragma unroll
-                for (int i = 0; i < DEC_ROWS; i++)
-                    if (i < nr) raw[u][i] = ld_stream((const uint4*)(d + (u64)(r0 + i) * row_bytes) + c);
+                for (int i = 0; i < DEC_ROWS; i++) {
+                    if (i < nr) {
+                        const u64 g = (u64)(r0 + i) * groups;
+                        raw[u][i] = ld_stream((const uint4*)(d + (u64)(r0 + i) * row_bytes) + c);
+                        sb[u][i] = load_sb<F>(sc + g, bi + g, c);
+                    }
+                }
             }
         }
 #pragma unroll
@@ -179,17 +190,11 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
             const int it = it0 + u * DEC_THREADS;
             if (it < items) {
                 const int k = it / chunks, c = it - k * chunks;
-                const u16* sc = (const u16*)slot_part(m, k, 7);
-                const u16* bi = (const u16*)slot_part(m, k, 8);
                 float xr[Chunk<F>::E];
                 load_x<F>(h + (u64)k * inter, c, xr);
 #pragma unroll
-                for (int i = 0; i < DEC_ROWS; i++) {
-                    if (i < nr) {
-                        const u64 g = (u64)(r0 + i) * groups;
-                        acc[i] = fmaf(w[k], dot_chunk<F>(raw[u][i], sc + g, bi + g, c, xr), acc[i]);
-                    }
-                }
+                for (int i = 0; i < DEC_ROWS; i++)
+                    if (i < nr) acc[i] = fmaf(w[k], dot_chunk<F>(raw[u][i], sb[u][i], xr), acc[i]);
             }
         }
     }

@@ -248,6 +248,8 @@ impl Backend for CudaBackend {
                     if !self.tier.contains(layer, e) {
                         drop(self.tier.upload(layer, e, [&x.gate, &x.up, &x.down])?);
                     }
+                    // Held in GPU memory for good: the RAM tier need not keep it too.
+                    store.release(layer, e);
                 }
             }
         }

@@ -22,6 +22,10 @@ pub struct Args {
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
+    /// Before timing, read every expert once into the RAM tier when they all fit its budget, so
+    /// that decoding measures the RAM path rather than the first reads from disk.
+    #[arg(long)]
+    warm_ram: bool,
 }
 
 const GB: f64 = 1e9;
@@ -59,6 +63,19 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
     let expert_bytes = model.experts().expert_bytes();
     let c = model.config.clone();
 
+    if a.warm_ram {
+        let store = model.experts();
+        if store.stats().budget_bytes >= store.total_bytes() as u64 {
+            let ids: Vec<usize> = (0..c.experts).collect();
+            for layer in 0..c.layers.len() {
+                for batch in ids.chunks(32) {
+                    store.experts(layer, batch)?;
+                }
+            }
+        } else {
+            eprintln!("--warm-ram: the experts do not all fit the RAM budget; not warmed");
+        }
+    }
     let prompt: Vec<u32> = (0..a.prompt_tokens.max(1) as u32).map(|i| (i * 7919 + 13) % c.vocab as u32).collect();
     let mut session = model.new_session();
     let start = Instant::now();
