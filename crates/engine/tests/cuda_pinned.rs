@@ -8,9 +8,8 @@
 
 mod common;
 
-use common::{Rng, fixture, gpu, rel_l2};
-use moe_core::format::f32_to_bf16_bits;
-use moe_core::{Bytes, HostMemory, Matrix, WeightFormat};
+use common::{Rng, fixture, gpu, q4, rel_l2};
+use moe_core::{Bytes, HostMemory, Matrix};
 use moe_cuda::{PinnedPool, VramBudget};
 use moe_engine::backend::*;
 use moe_engine::cuda_backend::CudaBackend;
@@ -97,21 +96,20 @@ fn pinned_matrix(pool: &Arc<PinnedPool>, m: &Matrix) -> Matrix {
     }
 }
 
-/// A random q4 matrix (random codes, scales and biases).
-fn q4(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
-    let data: Vec<u8> = (0..rows * cols / 8).flat_map(|_| rng.next_u32().to_le_bytes()).collect();
-    let groups = rows * cols / 64;
-    let scales: Vec<u8> =
-        (0..groups).flat_map(|_| f32_to_bf16_bits((0.2 + rng.f().abs()) / 15.0).to_le_bytes()).collect();
-    let biases: Vec<u8> = (0..groups).flat_map(|_| f32_to_bf16_bits(-0.1 + 0.05 * rng.f()).to_le_bytes()).collect();
-    Matrix {
-        format: WeightFormat::Affine { bits: 4, group: 64 },
-        rows,
-        cols,
-        data: Bytes::from_vec(data),
-        scales: Bytes::from_vec(scales),
-        biases: Bytes::from_vec(biases),
-    }
+/// A random q4 expert (`inter x h` gate and up) on the heap, and a copy of it in the pool.
+fn heap_and_pinned(
+    pool: &Arc<PinnedPool>,
+    rng: &mut Rng,
+    h: usize,
+    inter: usize,
+) -> (moe_store::Expert, moe_store::Expert) {
+    let heap = moe_store::Expert { gate: q4(rng, inter, h), up: q4(rng, inter, h), down: q4(rng, h, inter) };
+    let pin = moe_store::Expert {
+        gate: pinned_matrix(pool, &heap.gate),
+        up: pinned_matrix(pool, &heap.up),
+        down: pinned_matrix(pool, &heap.down),
+    };
+    (heap, pin)
 }
 
 #[test]
@@ -121,13 +119,7 @@ fn cuda_pinned_uploads_skip_staging_and_compute_the_same() {
     let pool = g.gpu().pinned_pool();
     let (h, inter) = (1024, 1536);
     let mut rng = Rng(11);
-    let heap =
-        moe_store::Expert { gate: q4(&mut rng, inter, h), up: q4(&mut rng, inter, h), down: q4(&mut rng, h, inter) };
-    let pin = moe_store::Expert {
-        gate: pinned_matrix(&pool, &heap.gate),
-        up: pinned_matrix(&pool, &heap.up),
-        down: pinned_matrix(&pool, &heap.down),
-    };
+    let (heap, pin) = heap_and_pinned(&pool, &mut rng, h, inter);
     let tokens = 2;
     let x: Vec<f32> = (0..tokens * h).map(|_| rng.f()).collect();
     let xg = g.tensor(&x);
@@ -206,13 +198,7 @@ fn cuda_pinned_upload_rate() {
     let pool = g.gpu().pinned_pool();
     let (h, inter) = (4096, 1024);
     let mut rng = Rng(5);
-    let heap =
-        moe_store::Expert { gate: q4(&mut rng, inter, h), up: q4(&mut rng, inter, h), down: q4(&mut rng, h, inter) };
-    let pin = moe_store::Expert {
-        gate: pinned_matrix(&pool, &heap.gate),
-        up: pinned_matrix(&pool, &heap.up),
-        down: pinned_matrix(&pool, &heap.down),
-    };
+    let (heap, pin) = heap_and_pinned(&pool, &mut rng, h, inter);
     let tier = g.gpu().expert_tier(VramBudget::Bytes(0)).unwrap();
     let h2d = g.gpu().bandwidth(0.5).unwrap().host_to_device;
     for (name, e) in [("staged", &heap), ("direct", &pin), ("staged", &heap), ("direct", &pin)] {

@@ -10,9 +10,7 @@
 
 mod common;
 
-use common::{Rng, fixture, gpu, rel_l2};
-use moe_core::format::f32_to_bf16_bits;
-use moe_core::{Bytes, Matrix, WeightFormat};
+use common::{Rng, fixture, gpu, q4, rel_l2};
 use moe_engine::backend::*;
 use moe_engine::cuda_backend::CudaBackend;
 use moe_engine::{CpuBackend, Model};
@@ -124,23 +122,6 @@ fn cuda_vram_logits_identical_qwen35_moe() {
 #[test]
 fn cuda_vram_logits_identical_qwen3_moe() {
     identical_across_budgets("cuda_vram_logits_identical_qwen3_moe", "qwen3_moe");
-}
-
-/// A random q4 matrix (random codes, scales and biases).
-fn q4(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
-    let data: Vec<u8> = (0..rows * cols / 8).flat_map(|_| rng.next_u32().to_le_bytes()).collect();
-    let groups = rows * cols / 64;
-    let scales: Vec<u8> =
-        (0..groups).flat_map(|_| f32_to_bf16_bits((0.2 + rng.f().abs()) / 15.0).to_le_bytes()).collect();
-    let biases: Vec<u8> = (0..groups).flat_map(|_| f32_to_bf16_bits(-0.1 + 0.05 * rng.f()).to_le_bytes()).collect();
-    Matrix {
-        format: WeightFormat::Affine { bits: 4, group: 64 },
-        rows,
-        cols,
-        data: Bytes::from_vec(data),
-        scales: Bytes::from_vec(scales),
-        biases: Bytes::from_vec(biases),
-    }
 }
 
 #[test]

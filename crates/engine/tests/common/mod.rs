@@ -2,6 +2,8 @@
 //! references, error measures, a seeded generator, and the GPU (or a clear skip without one).
 #![allow(dead_code)] // each test binary uses its own subset
 
+use moe_core::format::f32_to_bf16_bits;
+use moe_core::{Bytes, Matrix, WeightFormat};
 use moe_engine::cuda_backend::{CudaBackend, CudaError};
 use moe_store::Budget;
 use safetensors::SafeTensors;
@@ -98,5 +100,22 @@ impl Rng {
     }
     pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.f() * scale).collect()
+    }
+}
+
+/// A random q4 matrix (random codes, scales and biases).
+pub fn q4(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
+    let data: Vec<u8> = (0..rows * cols / 8).flat_map(|_| rng.next_u32().to_le_bytes()).collect();
+    let groups = rows * cols / 64;
+    let scales: Vec<u8> =
+        (0..groups).flat_map(|_| f32_to_bf16_bits((0.2 + rng.f().abs()) / 15.0).to_le_bytes()).collect();
+    let biases: Vec<u8> = (0..groups).flat_map(|_| f32_to_bf16_bits(-0.1 + 0.05 * rng.f()).to_le_bytes()).collect();
+    Matrix {
+        format: WeightFormat::Affine { bits: 4, group: 64 },
+        rows,
+        cols,
+        data: Bytes::from_vec(data),
+        scales: Bytes::from_vec(scales),
+        biases: Bytes::from_vec(biases),
     }
 }
