@@ -6,9 +6,10 @@
 //!
 //! `cargo run --release -p moe-cuda --example kernel_bench` (needs a GPU).
 
+use moe_core::HostMemory;
 use moe_core::format::f32_to_bf16_bits;
 use moe_core::{Bytes, DType, Matrix, WeightFormat};
-use moe_cuda::{DeviceMatrix, Gpu, MoeExperts};
+use moe_cuda::{DeviceMatrix, Gpu, MoeExperts, MoeShape, expert_parts};
 use std::time::Instant;
 
 fn matrix(format: WeightFormat, rows: usize, cols: usize, seed: u32) -> Matrix {
@@ -96,18 +97,56 @@ fn main() {
     let bytes: usize = parts.iter().map(Matrix::byte_len).sum();
     let x = gpu.upload(&vec![0.5f32; hidden]).unwrap();
     let weights = gpu.upload(&[0.1f32; 16]).unwrap();
-    let mut h = gpu.zeros(k * inter).unwrap();
-    let mut out = gpu.zeros(hidden).unwrap();
-    let sets: Vec<Vec<[&DeviceMatrix; 3]>> =
-        (0..experts / k).map(|s| (0..k).map(|i| handles[s * k + i].matrices()).collect()).collect();
-    let t = time(&gpu, 2000, |i| {
-        let set = &sets[i % sets.len()];
-        gpu.moe_token(MoeExperts::Listed(set), &x, &weights, false, &mut h, &mut out).unwrap()
-    });
-    let gbs = (k * bytes) as f64 / t / 1e9;
-    println!(
-        "fused experts {k} x q4 {inter}x{hidden} (gate, up, down): {:8.1} us  {gbs:7.0} GB/s  {:4.0}% of copy bandwidth",
-        t * 1e6,
-        100.0 * gbs / bw.device
-    );
+    let h = std::cell::RefCell::new(gpu.zeros(k * inter).unwrap());
+    let out = std::cell::RefCell::new(gpu.zeros(hidden).unwrap());
+    let shape = MoeShape::of_host(&[&parts[0], &parts[1], &parts[2]]).unwrap();
+    let in_gpu: Vec<[u64; 9]> = handles.iter().map(|h| expert_parts(&gpu, &h.matrices())).collect();
+    let fused = |what: &str, experts: &[[u64; 9]], calls: usize| {
+        let sets = experts.len() / k;
+        let t = time(&gpu, calls, |i| {
+            let set = &experts[(i % sets) * k..(i % sets + 1) * k];
+            gpu.moe_token(
+                &shape,
+                MoeExperts::Listed(set),
+                &x,
+                &weights,
+                false,
+                &mut h.borrow_mut(),
+                &mut out.borrow_mut(),
+            )
+            .unwrap()
+        });
+        let gbs = (k * bytes) as f64 / t / 1e9;
+        println!(
+            "fused experts {k} x q4 {inter}x{hidden} (gate, up, down), {what}: {:8.1} us  {gbs:7.1} GB/s",
+            t * 1e6
+        );
+        gbs
+    };
+    let g = fused("in GPU memory", &in_gpu, 2000);
+    println!("{:>62}{:4.0}% of copy bandwidth", "", 100.0 * g / bw.device);
+    // The same experts read by the kernels straight from page-locked host memory, over the bus:
+    // how the tier streams experts it does not keep (VRAM budget 0).
+    let pool = gpu.pinned_pool();
+    let mut held = Vec::new();
+    let in_host: Vec<[u64; 9]> = (0..64)
+        .map(|_| {
+            let mut a = [0u64; 9];
+            for (i, b) in parts.iter().flat_map(|m| [&m.data, &m.scales, &m.biases]).enumerate() {
+                let p = pool.alloc(b.len()).expect("pinned memory");
+                // SAFETY: `b.len()` writable bytes, just allocated.
+                unsafe { p.as_ptr().copy_from_nonoverlapping(b.as_ptr(), b.len()) };
+                a[i] = p.as_ptr() as u64;
+                held.push((p, b.len()));
+            }
+            a
+        })
+        .collect();
+    let g = fused("from pinned host memory", &in_host, 200);
+    println!("{:>62}{:4.0}% of pinned host-to-device copies", "", 100.0 * g / bw.host_to_device);
+    gpu.synchronize().unwrap();
+    for (p, len) in held {
+        // SAFETY: from `alloc(len)` above, no kernel reads it any more.
+        unsafe { pool.free(p, len) };
+    }
 }

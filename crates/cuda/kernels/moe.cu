@@ -7,20 +7,20 @@
 // Router logits per lane of the top-k warp: experts up to 32 x 32.
 #define ROUTE_PER_LANE 32
 
-// Where the parts of each slot's matrices are: part p of slot k lies at `base[k] + off[p]`, or at
-// `table[ids[k]] + off[p]` when a table is given (every expert of the layer resident, the ids
-// chosen on the device). Parts: gate codes, scales, biases; up ...; down ... (scales and biases
-// unused by float formats). Mirrored by `MoeSlots` in device.rs.
+// Where the parts of each slot's matrices are: part p of slot k lies at `part[k][p]`, or at
+// `table[ids[k]] + off[p]` when a table is given (every expert of the layer resident in GPU memory,
+// the ids chosen on the device). Parts: gate codes, scales, biases; up ...; down ... (scales and
+// biases unused by float formats). An address may be page-locked host memory, which the kernels
+// then read over the bus. Mirrored by `MoeSlotsArg` in device.rs.
 struct MoeSlots {
-    u64 base[MOE_MAX_SLOTS];
+    u64 part[MOE_MAX_SLOTS][9];
     u64 off[9];
     const u64* table;
     const int* ids;
 };
 
 __device__ __forceinline__ const u8* slot_part(const MoeSlots& m, int k, int p) {
-    const u64 base = m.table ? m.table[m.ids[k]] : m.base[k];
-    return (const u8*)(base + m.off[p]);
+    return (const u8*)(m.table ? m.table[m.ids[k]] + m.off[p] : m.part[k][p]);
 }
 
 __device__ __forceinline__ void warp_argmax(float* v, int* e) {

@@ -138,15 +138,7 @@ impl DeviceMatrix {
     }
 
     fn suffix(&self) -> &'static str {
-        match self.format {
-            WeightFormat::Float(DType::F32) => "f32",
-            WeightFormat::Float(DType::F16) => "f16",
-            WeightFormat::Float(DType::BF16) => "bf16",
-            WeightFormat::Affine { bits: 8, .. } => "q8",
-            WeightFormat::Affine { bits: 4, .. } => "q4",
-            WeightFormat::Affine { bits: 2, .. } => "q2",
-            WeightFormat::Affine { .. } => unreachable!("checked at upload"),
-        }
+        format_suffix(self.format)
     }
 
     /// Whether rows can be read as aligned 16-byte chunks and inputs as float4.
@@ -735,11 +727,11 @@ pub const MOE_MAX_SLOTS: usize = 16;
 /// Most router outputs the device top-k handles (32 per lane of one warp; `ROUTE_PER_LANE`).
 pub const ROUTE_MAX_EXPERTS: usize = 32 * 32;
 
-/// `MoeSlots` of moe.cu: part `p` of slot `k` is at `base[k] + off[p]`, or `table[ids[k]] + off[p]`.
+/// `MoeSlots` of moe.cu: part `p` of slot `k` is at `part[k][p]`, or `table[ids[k]] + off[p]`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct MoeSlotsArg {
-    base: [u64; MOE_MAX_SLOTS],
+    part: [[u64; 9]; MOE_MAX_SLOTS],
     off: [u64; 9],
     table: u64,
     ids: u64,
@@ -748,14 +740,57 @@ struct MoeSlotsArg {
 // SAFETY: plain old data with the layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for MoeSlotsArg {}
 
+/// The shapes and formats of the experts of one fused MoE launch: gate and up `[inter, hidden]`
+/// in one format, down `[hidden, inter]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeShape {
+    pub gate: WeightFormat,
+    pub down: WeightFormat,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+impl MoeShape {
+    /// The shape of an expert's gate, up and down (formats, rows, cols), if the fused kernels take
+    /// it: gate and up alike, rows of whole 16-byte chunks.
+    pub fn of(parts: [(WeightFormat, usize, usize); 3]) -> Result<MoeShape> {
+        let [(gf, inter, hidden), (uf, ur, uc), (df, dr, dc)] = parts;
+        let chunked = |f: WeightFormat, cols: usize| {
+            let bytes = match f {
+                WeightFormat::Float(d) => cols * d.size(),
+                WeightFormat::Affine { bits, group } if matches!(bits, 2 | 4 | 8) && group == 64 => {
+                    cols * bits as usize / 8
+                }
+                WeightFormat::Affine { .. } => return false,
+            };
+            bytes.is_multiple_of(16) && cols.is_multiple_of(4)
+        };
+        if uf != gf || (ur, uc) != (inter, hidden) || (dr, dc) != (hidden, inter) {
+            return Err(Error::Unsupported("expert matrices of different shapes or gate/up formats".into()));
+        }
+        if !(chunked(gf, hidden) && chunked(df, inter)) {
+            return Err(Error::Unsupported(format!("fused experts of shape {inter}x{hidden}")));
+        }
+        Ok(MoeShape { gate: gf, down: df, hidden, inter })
+    }
+
+    pub fn of_device(e: &[&DeviceMatrix; 3]) -> Result<MoeShape> {
+        MoeShape::of(e.map(|m| (m.format, m.rows, m.cols)))
+    }
+
+    pub fn of_host(e: &[&Matrix; 3]) -> Result<MoeShape> {
+        MoeShape::of(e.map(|m| (m.format, m.rows, m.cols)))
+    }
+}
+
 /// The experts of one fused MoE launch ([`Gpu::moe_token`]).
 pub enum MoeExperts<'a> {
-    /// These experts (gate, up, down), slot by slot.
-    Listed(&'a [[&'a DeviceMatrix; 3]]),
+    /// Slot `k`'s nine part addresses ([`expert_parts`], [`host_parts`]).
+    Listed(&'a [[u64; 9]]),
     /// `slots` experts chosen on the device: slot `k` is expert `ids[k]`, whose gate codes start at
-    /// `table[ids[k]]`, with its other parts where `like`'s are relative to its gate codes (every
-    /// expert of a layer has the same layout).
-    Table { table: &'a CudaSlice<u64>, ids: &'a CudaSlice<i32>, slots: usize, like: [&'a DeviceMatrix; 3] },
+    /// `table[ids[k]]` and its other parts `off` bytes further (every expert of a layer has the same
+    /// layout; [`expert_offsets`]).
+    Table { table: &'a CudaSlice<u64>, ids: &'a CudaSlice<i32>, slots: usize, off: [u64; 9] },
 }
 
 impl DeviceMatrix {
@@ -767,10 +802,19 @@ impl DeviceMatrix {
     }
 }
 
-/// The addresses of an expert's nine parts (0 for absent ones).
-fn expert_parts(gpu: &Gpu, e: &[&DeviceMatrix; 3]) -> [u64; 9] {
+/// The addresses of an expert's nine parts in device memory (0 for absent ones).
+pub fn expert_parts(gpu: &Gpu, e: &[&DeviceMatrix; 3]) -> [u64; 9] {
     let [g, u, d] = e.map(|m| m.part_ptrs(gpu));
     [g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2]]
+}
+
+/// The addresses of an expert's nine parts in host memory (0 for absent ones), for kernels that
+/// read page-locked memory over the bus; `None` unless the codes are 16-byte aligned.
+pub fn host_parts(e: &[&Matrix; 3]) -> Option<[u64; 9]> {
+    let at = |b: &moe_core::Bytes| if b.is_empty() { 0 } else { b.as_ptr() as u64 };
+    let [g, u, d] = e.map(|m| [at(&m.data), at(&m.scales), at(&m.biases)]);
+    let parts = [g[0], g[1], g[2], u[0], u[1], u[2], d[0], d[1], d[2]];
+    [parts[0], parts[3], parts[6]].iter().all(|p| p.is_multiple_of(16)).then_some(parts)
 }
 
 /// The address of an expert's gate codes, and the addresses of its parts relative to it (what
@@ -778,12 +822,8 @@ fn expert_parts(gpu: &Gpu, e: &[&DeviceMatrix; 3]) -> [u64; 9] {
 pub fn expert_offsets(gpu: &Gpu, e: &[&DeviceMatrix; 3]) -> (u64, [u64; 9]) {
     let p = expert_parts(gpu, e);
     let base = p[0];
-    let mut off = [0u64; 9];
-    for (o, v) in off.iter_mut().zip(&p) {
-        // Absent parts (float formats) are never read: offset 0, the same for every expert.
-        *o = if *v == 0 { 0 } else { v.wrapping_sub(base) };
-    }
-    (base, off)
+    // Absent parts (float formats) are never read: offset 0, the same for every expert.
+    (base, p.map(|v| if v == 0 { 0 } else { v.wrapping_sub(base) }))
 }
 
 impl Gpu {
@@ -822,8 +862,10 @@ impl Gpu {
     /// SwiGLU experts of one token in two launches: `out += sum_k w_k * down_k(silu(gate_k x) *
     /// up_k x)`, `w_k = weights[k]` (or its sigmoid when `sigmoid`: the gated shared expert).
     /// `h` is scratch of `slots x inter` values.
+    #[allow(clippy::too_many_arguments)]
     pub fn moe_token(
         &self,
+        shape: &MoeShape,
         experts: MoeExperts<'_>,
         x: &CudaSlice<f32>,
         weights: &CudaSlice<f32>,
@@ -831,64 +873,35 @@ impl Gpu {
         h: &mut CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let mut arg = MoeSlotsArg { base: [0; MOE_MAX_SLOTS], off: [0; 9], table: 0, ids: 0 };
-        let (like, slots) = match &experts {
+        let mut arg = MoeSlotsArg { part: [[0; 9]; MOE_MAX_SLOTS], off: [0; 9], table: 0, ids: 0 };
+        let slots = match &experts {
             MoeExperts::Listed(list) => {
-                let Some(first) = list.first() else { return Ok(()) };
                 if list.len() > MOE_MAX_SLOTS {
                     return Err(Error::Unsupported(format!("{} experts in one launch", list.len())));
                 }
-                let (_, off) = expert_offsets(self, first);
-                arg.off = off;
-                for (k, e) in list.iter().enumerate() {
-                    let same = |a: &DeviceMatrix, b: &DeviceMatrix| {
-                        a.format == b.format && a.rows == b.rows && a.cols == b.cols
-                    };
-                    if !(0..3).all(|i| same(e[i], first[i])) {
-                        return Err(Error::Unsupported("experts of different shapes or formats in one launch".into()));
-                    }
-                    let (base, off) = expert_offsets(self, e);
-                    // One slot may have its parts anywhere (base 0, absolute offsets); several
-                    // share one layout.
-                    if list.len() == 1 {
-                        arg.off = expert_parts(self, e);
-                    } else if off != arg.off {
-                        return Err(Error::Unsupported("experts laid out differently in one launch".into()));
-                    } else {
-                        arg.base[k] = base;
-                    }
-                }
-                (*first, list.len())
+                arg.part[..list.len()].copy_from_slice(list);
+                list.len()
             }
-            MoeExperts::Table { table, ids, slots, like } => {
+            MoeExperts::Table { table, ids, slots, off } => {
                 assert!(ids.len() >= *slots, "moe_token: fewer ids than slots");
-                arg.off = expert_offsets(self, like).1;
+                arg.off = *off;
                 arg.table = table.device_ptr(&self.stream).0;
                 arg.ids = ids.device_ptr(&self.stream).0;
-                (*like, *slots)
+                *slots
             }
         };
-        if slots == 0 || slots > MOE_MAX_SLOTS {
+        if slots == 0 {
+            return Ok(());
+        }
+        if slots > MOE_MAX_SLOTS {
             return Err(Error::Unsupported(format!("{slots} experts in one launch")));
         }
-        let [gate, up, down] = like;
-        let (hidden, inter) = (gate.cols, gate.rows);
-        if !(up.format == gate.format
-            && up.rows == inter
-            && up.cols == hidden
-            && down.rows == hidden
-            && down.cols == inter)
-        {
-            return Err(Error::Unsupported("expert matrices of different shapes or gate/up formats".into()));
-        }
-        if !(gate.vectorised() && down.vectorised()) {
-            return Err(Error::Unsupported(format!("fused experts of shape {inter}x{hidden}")));
-        }
+        let MoeShape { gate, down, hidden, inter } = *shape;
         assert!(x.len() >= hidden && out.len() >= hidden, "moe_token: x/out too small");
         assert!(h.len() >= slots * inter && weights.len() >= slots, "moe_token: scratch too small");
         let (hidden_i, inter_i, slots_i, sig) =
             (i32_of(hidden, "hidden"), i32_of(inter, "inter"), slots as i32, sigmoid as i32);
-        let name = format!("moe_gate_up_{}", gate.suffix());
+        let name = format!("moe_gate_up_{}", format_suffix(gate));
         let cfg = LaunchConfig {
             grid_dim: ((inter as u32).div_ceil(DEC_ROWS), slots as u32, 1),
             block_dim: (DEC_THREADS, 1, 1),
@@ -897,7 +910,7 @@ impl Gpu {
         let mut b = self.stream.launch_builder(&self.functions[name.as_str()]);
         b.arg(&arg).arg(x).arg(&hidden_i).arg(&inter_i).arg(&mut *h);
         unsafe { b.launch(cfg) }.what("launching moe_gate_up")?;
-        let name = format!("moe_down_{}", down.suffix());
+        let name = format!("moe_down_{}", format_suffix(down));
         let cfg = LaunchConfig {
             grid_dim: ((hidden as u32).div_ceil(DEC_ROWS), 1, 1),
             block_dim: (DEC_THREADS, 1, 1),
@@ -907,5 +920,18 @@ impl Gpu {
         b.arg(&arg).arg(&slots_i).arg(&*h).arg(&hidden_i).arg(&inter_i).arg(weights).arg(&sig).arg(out);
         unsafe { b.launch(cfg) }.what("launching moe_down")?;
         Ok(())
+    }
+}
+
+/// The kernel-name suffix of a weight format.
+fn format_suffix(f: WeightFormat) -> &'static str {
+    match f {
+        WeightFormat::Float(DType::F32) => "f32",
+        WeightFormat::Float(DType::F16) => "f16",
+        WeightFormat::Float(DType::BF16) => "bf16",
+        WeightFormat::Affine { bits: 8, .. } => "q8",
+        WeightFormat::Affine { bits: 4, .. } => "q4",
+        WeightFormat::Affine { bits: 2, .. } => "q2",
+        WeightFormat::Affine { .. } => unreachable!("checked at upload"),
     }
 }

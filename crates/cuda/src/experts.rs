@@ -124,7 +124,7 @@ struct Copier {
 /// stay alive until `done`, recorded on the copy stream after the copies, has completed.
 struct InFlight {
     done: CudaEvent,
-    _parts: [Matrix; 3],
+    _parts: Vec<Matrix>,
 }
 
 /// The GPU-memory tier of one [`Gpu`]; see the module docs.
@@ -144,9 +144,11 @@ pub struct ExpertTier {
 
 impl Drop for ExpertTier {
     fn drop(&mut self) {
-        // No host buffer goes back to the store's memory while a copy may still read it.
-        let r = self.copy.synchronize();
-        self.ctx.record_err(r);
+        // No host buffer goes back to the store's memory while a copy or a kernel may still read it.
+        for stream in [&self.copy, &self.compute] {
+            let r = stream.synchronize();
+            self.ctx.record_err(r);
+        }
     }
 }
 
@@ -313,7 +315,7 @@ impl ExpertTier {
             }
             let done = self.ctx.new_event(None).what("creating an event")?;
             done.record(&self.copy).what("recording an event")?;
-            let parts = parts.map(|m| m.clone());
+            let parts = parts.iter().map(|&m| m.clone()).collect();
             self.in_flight.lock().unwrap().push_back(InFlight { done, _parts: parts });
             self.direct_uploads.fetch_add(1, Ordering::Relaxed);
             ready.record(&self.copy).what("recording an event")?;
@@ -401,6 +403,34 @@ impl ExpertTier {
             budget: c.map(|c| c.budget()),
             direct_uploads: self.direct_uploads(),
         }
+    }
+
+    /// The part addresses of an expert that the kernels can read straight from page-locked host
+    /// memory, over the bus, instead of uploading it: only for a tier that keeps nothing (budget
+    /// 0; the expert would be uploaded, used once and freed), and only if every part lies in the
+    /// pinned pool with its codes 16-byte aligned. Counts the expert's bytes as uploaded (they cross
+    /// the bus either way); the caller keeps the parts alive with [`hold_until_done`](Self::hold_until_done).
+    pub fn host_parts(&self, parts: [&Matrix; 3]) -> Option<[u64; 9]> {
+        if self.stats().budget != Some(0) {
+            return None;
+        }
+        let pinned = |b: &moe_core::Bytes| b.is_empty() || self.pool.contains(b.as_ptr(), b.len());
+        if !parts.iter().all(|m| pinned(&m.data) && pinned(&m.scales) && pinned(&m.biases)) {
+            return None;
+        }
+        let addresses = crate::host_parts(&parts)?;
+        self.state.lock().unwrap().bytes_uploaded += parts.iter().map(|m| m.byte_len() as u64).sum::<u64>();
+        Some(addresses)
+    }
+
+    /// Keeps `parts` (host memory the kernels read) alive until the work queued on the compute
+    /// stream so far has completed.
+    pub fn hold_until_done(&self, parts: Vec<Matrix>) -> Result<()> {
+        self.reap();
+        let done = self.ctx.new_event(None).what("creating an event")?;
+        done.record(&self.compute).what("recording an event")?;
+        self.in_flight.lock().unwrap().push_back(InFlight { done, _parts: parts });
+        Ok(())
     }
 
     /// A handle on expert `id` of `layer` if it is resident, counting no use.

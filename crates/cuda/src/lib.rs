@@ -14,7 +14,9 @@ mod ptx;
 mod tier;
 
 pub use cudarc::driver::{CudaSlice, PinnedHostSlice};
-pub use device::{DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, ROUTE_MAX_EXPERTS, expert_offsets};
+pub use device::{
+    DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS, expert_offsets, expert_parts, host_parts,
+};
 pub use experts::{Bandwidth, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget};
 pub use pinned::{PinnedPool, PinnedStats};
 

@@ -21,7 +21,9 @@
 use crate::backend::*;
 use anyhow::Result;
 use moe_core::Matrix;
-use moe_cuda::{CudaSlice, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, ROUTE_MAX_EXPERTS, expert_offsets};
+use moe_cuda::{
+    CudaSlice, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS, expert_offsets, expert_parts,
+};
 use moe_store::{Budget, Expert, ExpertSource};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -45,6 +47,29 @@ struct RouteBuffers {
     host_ids: moe_cuda::PinnedHostSlice<i32>,
 }
 
+/// Where a chosen expert is read from by the fused kernels.
+enum Slot {
+    Device(moe_cuda::ExpertHandle),
+    /// Page-locked host memory of the expert store, and the parts' addresses in it.
+    Host(Box<Expert>, [u64; 9]),
+}
+
+impl Slot {
+    fn shape(&self) -> moe_cuda::Result<MoeShape> {
+        match self {
+            Slot::Device(h) => MoeShape::of_device(&h.matrices()),
+            Slot::Host(x, _) => MoeShape::of_host(&[&x.gate, &x.up, &x.down]),
+        }
+    }
+
+    fn parts(&self, gpu: &Gpu) -> [u64; 9] {
+        match self {
+            Slot::Device(h) => expert_parts(gpu, &h.matrices()),
+            Slot::Host(_, p) => *p,
+        }
+    }
+}
+
 /// Per-layer tables of expert addresses, valid while the tier's generation is `generation`.
 #[derive(Default)]
 struct ResidentTables {
@@ -53,11 +78,14 @@ struct ResidentTables {
 }
 
 struct LayerTable {
-    /// The gate codes' address of every expert of the layer.
+    /// The gate codes' address of every expert of the layer, and where the other parts are
+    /// relative to them.
     table: CudaSlice<u64>,
+    off: [u64; 9],
+    shape: MoeShape,
     /// Keep the experts' memory until the table is dropped: their handles, when dropped, order
     /// any later free after the kernels queued until then.
-    handles: Vec<moe_cuda::ExpertHandle>,
+    _handles: Vec<moe_cuda::ExpertHandle>,
 }
 
 impl CudaBackend {
@@ -126,20 +154,25 @@ impl CudaBackend {
             let Some(handles) = (0..experts).map(|e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
                 return Ok(false);
             };
+            let Ok(shape) = MoeShape::of_device(&handles[0].matrices()) else { return Ok(false) };
             let layouts: Vec<(u64, [u64; 9])> =
                 handles.iter().map(|h| expert_offsets(&self.gpu, &h.matrices())).collect();
-            if layouts.iter().any(|(_, off)| *off != layouts[0].1) {
+            let off = layouts[0].1;
+            let same = handles
+                .iter()
+                .zip(&layouts)
+                .all(|(h, (_, o))| *o == off && MoeShape::of_device(&h.matrices()).is_ok_and(|s| s == shape));
+            if !same {
                 return Ok(false);
             }
             let addresses: Vec<u64> = layouts.iter().map(|(base, _)| *base).collect();
             let table = self.gpu.upload_u64(&addresses)?;
-            slot.insert(LayerTable { table, handles });
+            slot.insert(LayerTable { table, shape, off, _handles: handles });
         }
         let t = &tables.layers[&layer];
-        let like = t.handles[0].matrices();
-        self.with_hidden(k * like[0].rows, |h| {
-            let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, like };
-            self.gpu.moe_token(experts, x, &r.weights, false, h, acc)
+        self.with_hidden(k * t.shape.inter, |h| {
+            let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
+            self.gpu.moe_token(&t.shape, experts, x, &r.weights, false, h, acc)
         })?;
         self.tier.count_hits(k as u64);
         Ok(true)
@@ -390,15 +423,12 @@ impl Backend for CudaBackend {
         tokens: usize,
         acc: &mut CudaSlice<f32>,
     ) {
-        if tokens == 1 {
+        if let (1, Ok(shape)) = (tokens, MoeShape::of_device(&[gate, up, down])) {
+            let parts = [expert_parts(&self.gpu, &[gate, up, down])];
             let fused = self.with_hidden(gate.rows, |h| {
-                self.gpu.moe_token(MoeExperts::Listed(&[[gate, up, down]]), x, gate_logit, true, h, acc)
+                self.gpu.moe_token(&shape, MoeExperts::Listed(&parts), x, gate_logit, true, h, acc)
             });
-            match fused {
-                Ok(()) => return,
-                Err(CudaError::Unsupported(_)) => {}
-                Err(e) => panic!("CUDA shared expert: {e}"),
-            }
+            return ok(fused, "shared expert");
         }
         host_gated_expert(self, [gate, up, down], gate_logit, x, tokens, acc)
     }
@@ -442,27 +472,52 @@ impl Backend for CudaBackend {
         }
         let mut fetched: HashMap<usize, Expert> =
             missing.iter().copied().zip(store.experts(layer, &missing)?).collect();
-        let handles = ids
-            .iter()
-            .map(|&e| {
-                self.expert_weights(layer, e, || Ok(fetched.remove(&e).map_or_else(|| store.expert(layer, e), Ok)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let matrices: Vec<[&DeviceMatrix; 3]> = handles.iter().map(|h| h.matrices()).collect();
-        let inter = matrices[0][0].rows;
-        let fused = self.with_hidden(k * inter, |h| {
-            self.gpu.moe_token(MoeExperts::Listed(&matrices), x, &r.weights, false, h, acc)
-        });
-        match fused {
-            Ok(()) => {}
-            Err(CudaError::Unsupported(_)) => {
-                // Shapes the fused kernels do not take: one expert at a time.
-                let weights = self.read(&r.weights, k);
-                for ([g, u, d], w) in matrices.iter().zip(weights) {
-                    self.expert_ffn(g, u, d, x, &[0], &[w], acc);
-                }
+        // Each chosen expert from GPU memory (a hit, or uploaded now), or, where the tier keeps
+        // nothing, read by the kernels straight from the store's page-locked buffer.
+        let mut slots = Vec::with_capacity(k);
+        for &e in &ids {
+            if let Some(h) = self.tier.lookup(layer, e) {
+                slots.push(Slot::Device(h));
+                continue;
             }
-            Err(e) => return Err(e.into()),
+            let x = fetched.remove(&e).map_or_else(|| store.expert(layer, e), Ok)?;
+            let parts = [&x.gate, &x.up, &x.down];
+            match MoeShape::of_host(&parts).ok().and_then(|_| self.tier.host_parts(parts)) {
+                Some(addresses) => slots.push(Slot::Host(Box::new(x), addresses)),
+                None => slots.push(Slot::Device(self.tier.upload(layer, e, parts)?)),
+            }
+        }
+        let shapes: Vec<Option<MoeShape>> = slots.iter().map(|s| s.shape().ok()).collect();
+        if shapes.iter().all(Option::is_none) {
+            // Shapes the fused kernels do not take: one expert at a time.
+            let weights = self.read(&r.weights, k);
+            for (slot, w) in slots.iter().zip(weights) {
+                let Slot::Device(h) = slot else { unreachable!("host slots need a fused shape") };
+                let [g, u, d] = h.matrices();
+                self.expert_ffn(g, u, d, x, &[0], &[w], acc);
+            }
+            return Ok(Some(k));
+        }
+        let shape = shapes[0]
+            .filter(|s| shapes.iter().all(|o| *o == Some(*s)))
+            .ok_or_else(|| anyhow::anyhow!("the experts of layer {layer} differ in shape or format: {shapes:?}"))?;
+        let parts: Vec<[u64; 9]> = slots.iter().map(|s| s.parts(&self.gpu)).collect();
+        self.with_hidden(k * shape.inter, |h| {
+            self.gpu.moe_token(&shape, MoeExperts::Listed(&parts), x, &r.weights, false, h, acc)
+        })?;
+        let host: Vec<Matrix> = slots
+            .into_iter()
+            .filter_map(|s| match s {
+                Slot::Host(x, _) => {
+                    let Expert { gate, up, down } = *x;
+                    Some([gate, up, down])
+                }
+                Slot::Device(_) => None,
+            })
+            .flatten()
+            .collect();
+        if !host.is_empty() {
+            self.tier.hold_until_done(host)?;
         }
         Ok(Some(k))
     }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Rng, gpu};
+use common::{Rng, gpu, pinned_matrix};
 use moe_core::format::f32_to_bf16_bits;
 use moe_core::{Bytes, DType, Matrix, WeightFormat};
 use moe_engine::backend::*;
@@ -323,9 +323,10 @@ impl ExpertSource for MemoryExperts {
 }
 
 /// The decode path that routes on the device (top-k kernel, fused expert launches, shared expert),
-/// against the host routing and per-expert CPU computation: with budget 0 (ids copied back, every
-/// expert uploaded) and with every expert resident (the address-table path), for every format;
-/// tied router logits go to the lower id as on the host.
+/// against the host routing and per-expert CPU computation, for every format: with budget 0 (ids
+/// copied back, every expert uploaded), with budget 0 and the experts in page-locked memory (read
+/// by the kernels over the bus, nothing uploaded), and with every expert resident (the
+/// address-table path); tied router logits go to the lower id as on the host.
 #[test]
 fn cuda_routed_experts_on_device() {
     let cpu = CpuBackend;
@@ -345,9 +346,24 @@ fn cuda_routed_experts_on_device() {
                 })
                 .collect(),
         );
-        for (budget, resident) in [(Budget::Bytes(0), false), (Budget::Auto, true)] {
+        for (budget, resident, in_pool) in
+            [(Budget::Bytes(0), false, false), (Budget::Bytes(0), false, true), (Budget::Auto, true, false)]
+        {
             let test = "cuda_routed_experts_on_device";
             let Some(g) = gpu(test, budget) else { return };
+            let pool = g.gpu().pinned_pool();
+            let pinned = |e: &Expert| Expert {
+                gate: pinned_matrix(&pool, &e.gate),
+                up: pinned_matrix(&pool, &e.up),
+                down: pinned_matrix(&pool, &e.down),
+            };
+            let held;
+            let store = if in_pool {
+                held = MemoryExperts(store.0.iter().map(|l| l.iter().map(pinned).collect()).collect());
+                &held
+            } else {
+                &store
+            };
             if resident {
                 for (l, layer) in store.0.iter().enumerate() {
                     for (e, ex) in layer.iter().enumerate() {
@@ -377,14 +393,26 @@ fn cuda_routed_experts_on_device() {
                     let calls = std::cell::Cell::new(0);
                     let shared = |_: &mut _| calls.set(calls.get() + 1);
                     let before = g.vram_stats();
-                    let used =
-                        g.routed_experts_on_device(layer, &routing, &gl, &gx, &store, &shared, &mut acc).unwrap();
+                    let used = g.routed_experts_on_device(layer, &routing, &gl, &gx, store, &shared, &mut acc).unwrap();
                     assert_eq!((used, calls.get()), (Some(k), 1), "experts used, shared expert queued once");
                     let after = g.vram_stats();
                     let hits = after.hits - before.hits;
                     assert_eq!(hits, if resident { k as u64 } else { 0 }, "{:?}", after);
-                    let what =
-                        format!("routed experts {} resident {resident} norm {norm} trial {trial}", format.name());
+                    // Pinned experts are read in place (their bytes cross the bus, nothing is uploaded);
+                    // heap ones are uploaded through staging (with alignment padding).
+                    let direct = after.direct_uploads - before.direct_uploads;
+                    let crossed = after.bytes_uploaded - before.bytes_uploaded;
+                    let bytes = (k * store.expert_bytes()) as u64;
+                    assert_eq!(direct, 0, "no upload straight from pinned memory: read in place or staged");
+                    match (resident, in_pool) {
+                        (true, _) => assert_eq!(crossed, 0),
+                        (false, true) => assert_eq!(crossed, bytes, "bytes read over the bus"),
+                        (false, false) => assert!(crossed >= bytes, "{crossed} bytes uploaded < {bytes}"),
+                    }
+                    let what = format!(
+                        "routed experts {} resident {resident} pinned {in_pool} norm {norm} trial {trial}",
+                        format.name()
+                    );
                     assert_close(&what, &g.read(&acc, h), &want, TOL);
                 }
             }

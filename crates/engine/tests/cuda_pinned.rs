@@ -8,14 +8,13 @@
 
 mod common;
 
-use common::{Rng, fixture, gpu, q4, rel_l2};
-use moe_core::{Bytes, HostMemory, Matrix};
+use common::{Rng, fixture, gpu, pinned_matrix, q4, rel_l2};
+use moe_core::HostMemory;
 use moe_cuda::{PinnedPool, VramBudget};
 use moe_engine::backend::*;
 use moe_engine::cuda_backend::CudaBackend;
 use moe_engine::{CpuBackend, Model};
 use moe_store::{Budget, Eviction, StoreOptions};
-use std::ptr::NonNull;
 use std::sync::Arc;
 
 #[test]
@@ -48,52 +47,6 @@ fn cuda_pinned_pool_reuses_buffers_and_knows_its_memory() {
         pool.free(c, len);
     }
     assert_eq!(pool.stats().free_bytes, before.free_bytes + 2 * len);
-}
-
-/// Owns a buffer of the pool, as the expert store's buffers do.
-struct Pinned {
-    pool: Arc<PinnedPool>,
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: an owned allocation, written once before it is shared.
-unsafe impl Send for Pinned {}
-// SAFETY: as above.
-unsafe impl Sync for Pinned {}
-
-impl AsRef<[u8]> for Pinned {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: `len` initialised bytes (written in `pinned`).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // SAFETY: from `alloc(len)`, dropped once.
-        unsafe { self.pool.free(self.ptr, self.len) }
-    }
-}
-
-/// `bytes` copied into the pool.
-fn pinned(pool: &Arc<PinnedPool>, bytes: &Bytes) -> Bytes {
-    if bytes.is_empty() {
-        return Bytes::empty();
-    }
-    let ptr = pool.alloc(bytes.len()).expect("pinned memory");
-    // SAFETY: `bytes.len()` writable bytes, just allocated.
-    unsafe { ptr.as_ptr().copy_from_nonoverlapping(bytes.as_ptr(), bytes.len()) };
-    Bytes::new(Arc::new(Pinned { pool: pool.clone(), ptr, len: bytes.len() }), 0..bytes.len())
-}
-
-fn pinned_matrix(pool: &Arc<PinnedPool>, m: &Matrix) -> Matrix {
-    Matrix {
-        data: pinned(pool, &m.data),
-        scales: pinned(pool, &m.scales),
-        biases: pinned(pool, &m.biases),
-        ..m.clone()
-    }
 }
 
 /// A random q4 expert (`inter x h` gate and up) on the heap, and a copy of it in the pool.

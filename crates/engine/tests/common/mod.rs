@@ -3,12 +3,15 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use moe_core::format::f32_to_bf16_bits;
-use moe_core::{Bytes, Matrix, WeightFormat};
+use moe_core::{Bytes, HostMemory, Matrix, WeightFormat};
+use moe_cuda::PinnedPool;
 use moe_engine::cuda_backend::{CudaBackend, CudaError};
 use moe_store::Budget;
 use safetensors::SafeTensors;
 use std::io::Write;
 use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// The GPU backend, or `None` after printing "SKIPPED <test>: no CUDA device" straight to stderr
 /// (past the harness's capture, so CI logs show it). With `FLASH_MOE_REQUIRE_CUDA=1` a missing
@@ -117,5 +120,51 @@ pub fn q4(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
         data: Bytes::from_vec(data),
         scales: Bytes::from_vec(scales),
         biases: Bytes::from_vec(biases),
+    }
+}
+
+/// Owns a buffer of the pool, as the expert store's buffers do.
+pub struct Pinned {
+    pool: Arc<PinnedPool>,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: an owned allocation, written once before it is shared.
+unsafe impl Send for Pinned {}
+// SAFETY: as above.
+unsafe impl Sync for Pinned {}
+
+impl AsRef<[u8]> for Pinned {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes (written in `pinned`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: from `alloc(len)`, dropped once.
+        unsafe { self.pool.free(self.ptr, self.len) }
+    }
+}
+
+/// `bytes` copied into the pool.
+pub fn pinned(pool: &Arc<PinnedPool>, bytes: &Bytes) -> Bytes {
+    if bytes.is_empty() {
+        return Bytes::empty();
+    }
+    let ptr = pool.alloc(bytes.len()).expect("pinned memory");
+    // SAFETY: `bytes.len()` writable bytes, just allocated.
+    unsafe { ptr.as_ptr().copy_from_nonoverlapping(bytes.as_ptr(), bytes.len()) };
+    Bytes::new(Arc::new(Pinned { pool: pool.clone(), ptr, len: bytes.len() }), 0..bytes.len())
+}
+
+pub fn pinned_matrix(pool: &Arc<PinnedPool>, m: &Matrix) -> Matrix {
+    Matrix {
+        data: pinned(pool, &m.data),
+        scales: pinned(pool, &m.scales),
+        biases: pinned(pool, &m.biases),
+        ..m.clone()
     }
 }
