@@ -154,10 +154,15 @@ pub fn pinned(pool: &Arc<PinnedPool>, bytes: &Bytes) -> Bytes {
     if bytes.is_empty() {
         return Bytes::empty();
     }
-    let ptr = pool.alloc(bytes.len()).expect("pinned memory");
-    // SAFETY: `bytes.len()` writable bytes, just allocated.
-    unsafe { ptr.as_ptr().copy_from_nonoverlapping(bytes.as_ptr(), bytes.len()) };
-    Bytes::new(Arc::new(Pinned { pool: pool.clone(), ptr, len: bytes.len() }), 0..bytes.len())
+    // Whole pages: the driver hands out smaller page-locked blocks unaligned, which the pool refuses.
+    let len = bytes.len().next_multiple_of(4096);
+    let ptr = pool.alloc(len).expect("pinned memory");
+    // SAFETY: `len` writable bytes, just allocated; all of them written here.
+    unsafe {
+        ptr.as_ptr().copy_from_nonoverlapping(bytes.as_ptr(), bytes.len());
+        ptr.as_ptr().add(bytes.len()).write_bytes(0, len - bytes.len());
+    }
+    Bytes::new(Arc::new(Pinned { pool: pool.clone(), ptr, len }), 0..bytes.len())
 }
 
 pub fn pinned_matrix(pool: &Arc<PinnedPool>, m: &Matrix) -> Matrix {
