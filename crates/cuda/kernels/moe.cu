@@ -1,7 +1,8 @@
 // The mixture of experts of one decoded token: the router's softmax and top-k on the device, then
-// every selected expert in two launches (blocks of DEC_ROWS rows, as the one-token matvec) (gate and up with SwiGLU for all slots; down for all slots
+// every selected expert in two launches (gate and up with SwiGLU for all slots; down for all slots
 // summed with the routing weights), so that a layer's experts cost three launches and no copy back
-// to the host when every expert is resident.
+// to the host when every expert is resident. Blocks of DEC_THREADS threads share a few rows, as
+// the one-token matvec does.
 
 #define MOE_MAX_SLOTS 16
 // Router logits per lane of the top-k warp: experts up to 32 x 32.
@@ -93,7 +94,8 @@ extern "C" __global__ void __launch_bounds__(32) route_topk(const float* __restr
 }
 
 // h[k][r] = silu(gate_k[r] . x) * (up_k[r] . x) for slot k = blockIdx.y and DEC_ROWS rows r per
-// block: each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS up chunks.
+// block: each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS up chunks. (Two rows
+// per block, for fewer registers and more blocks, measured 4% slower on the H100.)
 template <int F>
 __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
                                                  float* __restrict__ h) {
