@@ -11,7 +11,10 @@
 mod common;
 
 use common::{Reference, argmax, fixture, gpu, reference, rel_l2};
+use moe_core::sample::{Sampler, SamplingParams};
 use moe_engine::cuda_backend::CudaBackend;
+use moe_engine::generate::{Conversation, GenerateParams};
+use moe_engine::tokenizer::Tokenizer;
 use moe_engine::{CpuBackend, Model};
 use moe_store::Budget;
 
@@ -96,4 +99,34 @@ fn cuda_model_qwen3_moe() {
 #[test]
 fn cuda_model_qwen3_moe_untied() {
     run_family("cuda_model_qwen3_moe_untied", "qwen3_moe_untied");
+}
+
+/// Greedy generation on the GPU (experts preloaded, routed on the device) produces the CPU's tokens:
+/// the demo model, a prompt and 24 new tokens, with every expert in GPU memory and with none (read
+/// from the store each time).
+#[test]
+fn cuda_greedy_generation_equals_the_cpu() {
+    let test = "cuda_greedy_generation_equals_the_cpu";
+    if gpu(test, Budget::Bytes(0)).is_none() {
+        return;
+    }
+    let demo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo");
+    let demo = if demo.is_dir() { demo } else { std::path::PathBuf::from("models/demo") };
+    let tok = Tokenizer::from_dir(&demo).unwrap();
+    let prompt = tok.encode("In the beginning God created", false).unwrap();
+    let params = GenerateParams { max_tokens: 24, sampling: SamplingParams::greedy(), stop: vec![] };
+    let cpu_tokens = {
+        let model: Model<CpuBackend> = moe_engine::load(&demo, None, CpuBackend).unwrap();
+        let mut conv = Conversation::new(&model, &tok);
+        conv.generate(&prompt, &params, &mut Sampler::new(params.sampling.clone()), &mut |_| true).unwrap();
+        conv.tokens().to_vec()
+    };
+    for budget in [Budget::Auto, Budget::Bytes(0)] {
+        let Some(g) = gpu(test, budget) else { return };
+        let model: Model<CudaBackend> = moe_engine::load(&demo, None, g).unwrap();
+        let mut conv = Conversation::new(&model, &tok);
+        conv.generate(&prompt, &params, &mut Sampler::new(params.sampling.clone()), &mut |_| true).unwrap();
+        assert_eq!(conv.tokens(), &cpu_tokens[..], "greedy tokens differ from the CPU's with VRAM budget {budget}");
+        assert!(cpu_tokens.len() > prompt.len() + 10, "generated too little: {cpu_tokens:?}");
+    }
 }
