@@ -5,15 +5,18 @@
 //! Routed experts go through a GPU-memory tier ([`moe_cuda::ExpertTier`]): a byte budget of
 //! uploaded experts (`--vram-budget`, `auto` = free device memory after the dense weights less
 //! [`moe_cuda::VRAM_HEADROOM`]), least-used evicted first; a hit reads nothing from the expert
-//! store and copies nothing, a miss is uploaded through pinned staging on a copy stream that the
-//! compute stream waits on with an event. Budget 0 uploads every use.
+//! store and copies nothing, a miss is uploaded on a copy stream that the compute stream waits on
+//! with an event (straight from the store's buffer when it is page-locked, else through pinned
+//! staging). All experts are uploaded at load when they fit the budget. With budget 0 nothing is
+//! kept: the fused kernels read each expert from the store's page-locked buffer over PCIe (heap
+//! buffers are uploaded for the one use).
 //!
 //! Decoding routes on the device ([`Backend::routed_experts_on_device`]): the router's top-k runs
 //! in a kernel, and a layer's selected experts run in two fused launches. When every expert of the
 //! model is resident in GPU memory, the kernels find the experts through a per-layer table of
 //! device addresses and nothing is copied back to the host until the logits; otherwise the chosen
-//! ids are copied back (one small wait per layer), the missing experts are fetched and uploaded,
-//! and the shared expert is queued before the host waits for the store.
+//! ids are copied back (one small wait per layer), the missing experts are fetched (and uploaded
+//! or read in place), and the shared expert is queued before the host waits for the store.
 //!
 //! The trait's operations cannot fail, so a device error (out of memory, a faulting kernel) is
 //! a panic that names the operation; opening the device is the fallible step.
