@@ -12,6 +12,24 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int j = threadIdx.x; j < width; j += blockDim.x) out[base + j] = x[base + j] * inv * (offset + w[j]);
 }
 
+// x += delta, then out = x / rms(x) * (offset + w), per row of `width`: the residual add and the
+// next norm in one launch (the same thread mapping as `rms_norm`, so the same sums).
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ delta,
+                                        const float* __restrict__ w, float* __restrict__ out, int width, float offset,
+                                        float eps) {
+    __shared__ float red[32];
+    const u64 base = (u64)blockIdx.x * width;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+        const float v = x[base + j] + delta[base + j];
+        x[base + j] = v;
+        ss = fmaf(v, v, ss);
+    }
+    const float total = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(total / (float)width + eps);
+    for (int j = threadIdx.x; j < width; j += blockDim.x) out[base + j] = x[base + j] * inv * (offset + w[j]);
+}
+
 extern "C" __global__ void add_inplace(float* __restrict__ acc, const float* __restrict__ x, u64 len) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x) acc[i] += x[i];
 }

@@ -38,6 +38,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "embed_q4",
     "embed_q2",
     "rms_norm",
+    "add_rms_norm",
     "add_inplace",
     "select_columns",
     "gather_rows",
@@ -491,6 +492,34 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.f("rms_norm"));
         b.arg(x).arg(w).arg(out).arg(&width_i).arg(&offset).arg(&eps);
         unsafe { b.launch(cfg) }.what("launching rms_norm")?;
+        Ok(())
+    }
+
+    /// `x += delta` over `rows` rows of `w.len()` values, then `out = rms_norm(x)` as
+    /// [`rms_norm`](Self::rms_norm): the residual add and the next norm in one launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        delta: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        offset: f32,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let width = w.len();
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let len = rows * width;
+        assert!(x.len() >= len && delta.len() >= len && out.len() >= len, "add_rms_norm: buffers too small");
+        let width_i = i32_of(width, "width");
+        let threads = (width.next_power_of_two() as u32).clamp(32, 1024);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(self.f("add_rms_norm"));
+        b.arg(x).arg(delta).arg(w).arg(out).arg(&width_i).arg(&offset).arg(&eps);
+        unsafe { b.launch(cfg) }.what("launching add_rms_norm")?;
         Ok(())
     }
 

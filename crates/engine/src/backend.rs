@@ -142,6 +142,23 @@ pub trait Backend: Send + Sync {
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, offset: f32, eps: f32, rows: usize, out: &mut Self::Tensor);
     /// `acc[..len] += x[..len]`.
     fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor, len: usize);
+    /// `x += delta` over `rows` rows of `width` (`w`'s length), then `out = rms_norm(x)`: a
+    /// residual add and the norm after it (one launch on a device).
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        w: &Self::Tensor,
+        width: usize,
+        offset: f32,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Tensor,
+    ) {
+        self.add(x, delta, rows * width);
+        self.rms_norm(x, w, offset, eps, rows, out);
+    }
     /// `out[t][j] = x[t][cols[j]]` for rows of `width`: reorders fused projections.
     fn select_columns(&self, x: &Self::Tensor, width: usize, cols: &[u32], tokens: usize, out: &mut Self::Tensor);
 

@@ -345,6 +345,21 @@ impl Backend for CudaBackend {
         ok(self.gpu.rms_norm(x, w, offset, eps, rows, out), "rms_norm")
     }
 
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        delta: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        width: usize,
+        offset: f32,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(width, w.len(), "add_rms_norm: width of the norm weight");
+        ok(self.gpu.add_rms_norm(x, delta, w, offset, eps, rows, out), "add_rms_norm")
+    }
+
     fn add(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, len: usize) {
         ok(self.gpu.add(acc, x, len), "add")
     }

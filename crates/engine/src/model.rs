@@ -285,8 +285,14 @@ impl<B: Backend> Model<B> {
         let mut normed = b.scratch(n * h);
         let mut mixed = b.scratch(n * h);
         let mut hidden = Vec::new();
+        let (offset, eps) = (c.family.norm_offset(), c.rms_eps);
+        // The previous layer's MoE output, added to the residual stream by the next norm.
+        let mut pending: Option<B::Tensor> = None;
         for (i, (layer, state)) in self.layers.iter().zip(session.layers.iter_mut()).enumerate() {
-            b.rms_norm(&x, &layer.input_norm, c.family.norm_offset(), c.rms_eps, n, &mut normed);
+            match pending.take() {
+                Some(moe) => b.add_rms_norm(&mut x, &moe, &layer.input_norm, h, offset, eps, n, &mut normed),
+                None => b.rms_norm(&x, &layer.input_norm, offset, eps, n, &mut normed),
+            }
             clock.lap(&mut prof.other);
             match (&layer.mixer, state) {
                 (Mixer::Attention { q, k, v, o, q_norm, k_norm }, LayerState::Attention(cache)) => {
@@ -308,20 +314,31 @@ impl<B: Backend> Model<B> {
                 }
                 _ => unreachable!("session state built from the same layer list"),
             }
-            b.add(&mut x, &mixed, n * h);
-            b.rms_norm(&x, &layer.post_norm, c.family.norm_offset(), c.rms_eps, n, &mut normed);
+            b.add_rms_norm(&mut x, &mixed, &layer.post_norm, h, offset, eps, n, &mut normed);
             clock.lap(&mut prof.other);
             let moe = self.moe(i, layer, &normed, n, &mut prof).with_context(|| format!("layer {i}"))?;
             clock = Stopwatch::start();
-            b.add(&mut x, &moe, n * h);
             if capture {
+                b.add(&mut x, &moe, n * h);
                 hidden.push(b.read(&x, n * h));
+            } else {
+                pending = Some(moe);
             }
         }
         session.position += n;
         let rows = if all_logits { n } else { 1 };
-        let last = if all_logits { x } else { b.tensor(&b.read(&x, n * h)[(n - 1) * h..]) };
-        b.rms_norm(&last, &self.final_norm, c.family.norm_offset(), c.rms_eps, rows, &mut normed);
+        if rows == n {
+            match pending.take() {
+                Some(moe) => b.add_rms_norm(&mut x, &moe, &self.final_norm, h, offset, eps, n, &mut normed),
+                None => b.rms_norm(&x, &self.final_norm, offset, eps, n, &mut normed),
+            }
+        } else {
+            if let Some(moe) = pending.take() {
+                b.add(&mut x, &moe, n * h);
+            }
+            let last = b.tensor(&b.read(&x, n * h)[(n - 1) * h..]);
+            b.rms_norm(&last, &self.final_norm, offset, eps, 1, &mut normed);
+        }
         let mut logits = b.scratch(rows * c.vocab);
         b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &normed, rows, &mut logits);
         let logits = b.read(&logits, rows * c.vocab);

@@ -142,6 +142,14 @@ fn cuda_rms_norm_add_select() {
         let mut og = g.zeros(rows * width);
         g.rms_norm(&g.tensor(&x), &g.tensor(&w), offset, 1e-6, rows, &mut og);
         assert_close(&format!("rms_norm width {width} offset {offset}"), &g.read(&og, rows * width), &oc, TOL);
+
+        // The residual add and the norm in one launch: the same sum as `add`, the same norm.
+        let delta = rng.vec(rows * width, 1.0);
+        let (mut xc, mut xg) = (x.clone(), g.tensor(&x));
+        cpu.add_rms_norm(&mut xc, &delta, &w, width, offset, 1e-6, rows, &mut oc);
+        g.add_rms_norm(&mut xg, &g.tensor(&delta), &g.tensor(&w), width, offset, 1e-6, rows, &mut og);
+        assert_eq!(g.read(&xg, rows * width), xc, "add_rms_norm: the residual");
+        assert_close(&format!("add_rms_norm width {width}"), &g.read(&og, rows * width), &oc, TOL);
     }
 
     let (a, b) = (rng.vec(1001, 1.0), rng.vec(1001, 1.0));
