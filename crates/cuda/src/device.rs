@@ -197,6 +197,13 @@ fn grid_1d(len: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// One block per row of `width` values (the norms), and the width as the kernels take it.
+fn row_blocks(rows: usize, width: usize) -> (LaunchConfig, i32) {
+    let threads = (width.next_power_of_two() as u32).clamp(32, 1024);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    (cfg, i32_of(width, "width"))
+}
+
 fn i32_of(v: usize, what: &str) -> i32 {
     i32::try_from(v).unwrap_or_else(|_| panic!("{what} = {v} does not fit the kernels' 32-bit sizes"))
 }
@@ -486,9 +493,7 @@ impl Gpu {
             return Ok(());
         }
         assert!(x.len() >= rows * width && out.len() >= rows * width, "rms_norm: buffers too small");
-        let width_i = i32_of(width, "width");
-        let threads = (width.next_power_of_two() as u32).clamp(32, 1024);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let (cfg, width_i) = row_blocks(rows, width);
         let mut b = self.stream.launch_builder(self.f("rms_norm"));
         b.arg(x).arg(w).arg(out).arg(&width_i).arg(&offset).arg(&eps);
         unsafe { b.launch(cfg) }.what("launching rms_norm")?;
@@ -514,9 +519,7 @@ impl Gpu {
         }
         let len = rows * width;
         assert!(x.len() >= len && delta.len() >= len && out.len() >= len, "add_rms_norm: buffers too small");
-        let width_i = i32_of(width, "width");
-        let threads = (width.next_power_of_two() as u32).clamp(32, 1024);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let (cfg, width_i) = row_blocks(rows, width);
         let mut b = self.stream.launch_builder(self.f("add_rms_norm"));
         b.arg(x).arg(delta).arg(w).arg(out).arg(&width_i).arg(&offset).arg(&eps);
         unsafe { b.launch(cfg) }.what("launching add_rms_norm")?;
