@@ -107,15 +107,10 @@ pub(crate) fn layout(ms: &[&Matrix]) -> Result<(Vec<PartRanges>, usize)> {
     };
     let mut out = Vec::with_capacity(ms.len());
     for m in ms {
-        let affine = match m.format {
-            WeightFormat::Float(_) => false,
-            WeightFormat::Affine { bits, group } => {
-                if !matches!(bits, 2 | 4 | 8) || group != 64 {
-                    return Err(Error::Unsupported(format!("weight format {}", m.format.name())));
-                }
-                true
-            }
-        };
+        if !kernels_take(m.format) {
+            return Err(Error::Unsupported(format!("weight format {}", m.format.name())));
+        }
+        let affine = matches!(m.format, WeightFormat::Affine { .. });
         let data = place(m.data.len());
         let (scales, biases) =
             if affine { (Some(place(m.scales.len())), Some(place(m.biases.len()))) } else { (None, None) };
@@ -144,16 +139,26 @@ impl DeviceMatrix {
 
     /// Whether rows can be read as aligned 16-byte chunks and inputs as float4.
     fn vectorised(&self) -> bool {
-        self.code_row_bytes().is_multiple_of(16) && self.cols.is_multiple_of(4)
+        chunked_rows(self.format, self.cols)
     }
+}
 
-    /// Bytes of one row's elements or codes (scales and biases are stored apart).
-    fn code_row_bytes(&self) -> usize {
-        match self.format {
-            WeightFormat::Float(d) => self.cols * d.size(),
-            WeightFormat::Affine { bits, .. } => self.cols * bits as usize / 8,
-        }
+/// Whether the kernels take weights in format `f`: floats, or affine 2/4/8-bit codes in groups of 64.
+fn kernels_take(f: WeightFormat) -> bool {
+    match f {
+        WeightFormat::Float(_) => true,
+        WeightFormat::Affine { bits, group } => matches!(bits, 2 | 4 | 8) && group == 64,
     }
+}
+
+/// Whether rows of `cols` values in format `f` are whole 16-byte chunks of codes (scales and
+/// biases are stored apart) whose inputs load as float4.
+fn chunked_rows(f: WeightFormat, cols: usize) -> bool {
+    let bytes = match f {
+        WeightFormat::Float(d) => cols * d.size(),
+        WeightFormat::Affine { bits, .. } => cols * bits as usize / 8,
+    };
+    bytes.is_multiple_of(16) && cols.is_multiple_of(4)
 }
 
 /// One GPU: its context, the stream every operation is queued on, and the compiled kernels.
@@ -787,16 +792,7 @@ impl MoeShape {
     /// it: gate and up alike, rows of whole 16-byte chunks.
     pub fn of(parts: [(WeightFormat, usize, usize); 3]) -> Result<MoeShape> {
         let [(gf, inter, hidden), (uf, ur, uc), (df, dr, dc)] = parts;
-        let chunked = |f: WeightFormat, cols: usize| {
-            let bytes = match f {
-                WeightFormat::Float(d) => cols * d.size(),
-                WeightFormat::Affine { bits, group } if matches!(bits, 2 | 4 | 8) && group == 64 => {
-                    cols * bits as usize / 8
-                }
-                WeightFormat::Affine { .. } => return false,
-            };
-            bytes.is_multiple_of(16) && cols.is_multiple_of(4)
-        };
+        let chunked = |f: WeightFormat, cols: usize| kernels_take(f) && chunked_rows(f, cols);
         if uf != gf || (ur, uc) != (inter, hidden) || (dr, dc) != (hidden, inter) {
             return Err(Error::Unsupported("expert matrices of different shapes or gate/up formats".into()));
         }

@@ -120,8 +120,9 @@ struct Copier {
     ready: CudaEvent,
 }
 
-/// A copy straight from the expert store's pinned buffers: the parts (which hold their buffers)
-/// stay alive until `done`, recorded on the copy stream after the copies, has completed.
+/// Host bytes the device reads: a copy straight from the expert store's pinned buffers, or
+/// kernels reading them in place. The parts (which hold their buffers) stay alive until `done`,
+/// recorded after the copies (copy stream) or after the kernels (compute stream), has completed.
 struct InFlight {
     done: CudaEvent,
     _parts: Vec<Matrix>,
@@ -136,7 +137,7 @@ pub struct ExpertTier {
     copier: Mutex<Copier>,
     /// Where the expert store's buffers are when they can be copied without staging.
     pool: Arc<PinnedPool>,
-    /// Copies from the store's buffers not known to be complete, oldest first.
+    /// Reads of the store's buffers (copies, in-place kernels) not known to be complete, oldest first.
     in_flight: Mutex<VecDeque<InFlight>>,
     /// Uploads copied straight from pinned host memory (no staging).
     direct_uploads: AtomicU64,
@@ -369,8 +370,9 @@ impl ExpertTier {
         })
     }
 
-    /// Lets go of the host bytes of the direct copies that have completed (events complete in
-    /// the order they were recorded on the copy stream).
+    /// Lets go of the host bytes whose readers have completed, oldest first. It stops at the
+    /// first incomplete one: an entry behind it (the other stream's) waits for a later reap, which
+    /// only delays its release.
     fn reap(&self) {
         let mut finished = Vec::new();
         {

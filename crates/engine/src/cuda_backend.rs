@@ -100,7 +100,7 @@ impl CudaBackend {
     }
 
     /// [`new`](Self::new) with `budget` bytes of device memory for routed experts (`auto`: what
-    /// is free once the dense weights are loaded, less 2 GiB; 0: upload every use).
+    /// is free once the dense weights are loaded, less 2 GiB; 0: keep none).
     pub fn with_vram_budget(ordinal: usize, budget: Budget) -> Result<Self> {
         let gpu = Gpu::new(ordinal)?;
         let tier = gpu.expert_tier(vram_budget(budget))?;
@@ -124,9 +124,7 @@ impl CudaBackend {
     pub fn reset_vram_stats(&self) {
         self.tier.reset_stats()
     }
-}
 
-impl CudaBackend {
     /// Runs `f` with the fused launches' scratch, at least `len` values.
     fn with_hidden<T>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<f32>) -> T) -> T {
         let mut h = self.hidden.lock().unwrap();

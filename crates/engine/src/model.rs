@@ -411,7 +411,7 @@ impl<B: Backend> Model<B> {
             }
         };
         if n == 1 {
-            let (routing, store) = (self.routing(), &*self.experts);
+            let (routing, store) = (Routing::of(c), &*self.experts);
             if let Some(uses) = b.routed_experts_on_device(layer, &routing, &logits, x, store, &shared, &mut acc)? {
                 clock.lap(&mut prof.experts);
                 prof.expert_uses += uses;
@@ -456,10 +456,6 @@ impl<B: Backend> Model<B> {
         let mut gate = b.scratch(n);
         b.matmul(&s.scale, x, n, &mut gate);
         b.shared_expert(&s.gate, &s.up, &s.down, &gate, x, n, acc);
-    }
-
-    fn routing(&self) -> Routing {
-        Routing::of(&self.config)
     }
 }
 
