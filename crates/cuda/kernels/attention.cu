@@ -46,12 +46,12 @@ __device__ void norm_rope(const float* src, const float* w, float offset, float 
 extern "C" __global__ void attn_append_kv(const float* __restrict__ k, const float* __restrict__ v,
                                           const float* __restrict__ k_norm, float* __restrict__ k_cache,
                                           float* __restrict__ v_cache, int kv_heads, int hd, int rot, double theta,
-                                          float offset, float eps, int past) {
+                                          float offset, float eps, const u32* __restrict__ past) {
     extern __shared__ float smem[];
     __shared__ float red[32];
     const int t = blockIdx.x, h = blockIdx.y;
     const int kvw = kv_heads * hd;
-    const int pos = past + t;
+    const int pos = (int)*past + t;
     const u64 src = (u64)t * kvw + (u64)h * hd;
     const u64 dst = (u64)pos * kvw + (u64)h * hd;
     norm_rope(k + src, k_norm, offset, eps, hd, rot, theta, pos, smem, red, k_cache + dst);
@@ -63,7 +63,7 @@ extern "C" __global__ void attn_append_kv(const float* __restrict__ k, const flo
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attn_decode(const float* __restrict__ q, const float* __restrict__ q_norm, const float* __restrict__ k_cache,
                 const float* __restrict__ v_cache, float* __restrict__ out, int heads, int kv_heads, int hd, int rot,
-                double theta, float offset, float eps, int past, int gated) {
+                double theta, float offset, float eps, const u32* __restrict__ past, int gated) {
     extern __shared__ float smem[];
     __shared__ float red[32];
     __shared__ float wm[ATTN_THREADS / 32], wl[ATTN_THREADS / 32];
@@ -77,7 +77,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     const int per_head = gated ? 2 * hd : hd;
     const u64 qw = (u64)heads * per_head;
     const int kvw = kv_heads * hd;
-    const int pos = past + t;
+    const int pos = (int)*past + t;
     const float* qh = q + (u64)t * qw + (u64)h * per_head;
     norm_rope(qh, q_norm, offset, eps, hd, rot, theta, pos, buf, red, qs);
 

@@ -342,7 +342,7 @@ impl Gpu {
         self.stream.clone_htod(values).what("copying to the device")
     }
 
-    fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
+    pub fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
         self.stream.clone_htod(values).what("copying to the device")
     }
 
@@ -392,13 +392,12 @@ impl Gpu {
     // ---- Kernels. Buffer sizes are checked here, so that no kernel reads or writes out of bounds.
 
     /// `out[t] = table[tokens[t]]` (`[tokens, cols]`).
-    pub fn embed(&self, table: &DeviceMatrix, tokens: &[u32], out: &mut CudaSlice<f32>) -> Result<()> {
-        if tokens.is_empty() {
+    /// Rows `ids` (token ids on the device) of the embedding table into `out`.
+    pub fn embed(&self, table: &DeviceMatrix, ids: &CudaView<'_, u32>, out: &mut CudaSlice<f32>) -> Result<()> {
+        if ids.is_empty() {
             return Ok(());
         }
-        assert!(out.len() >= tokens.len() * table.cols, "embed: output too small");
-        assert!(tokens.iter().all(|&t| (t as usize) < table.rows), "embed: token id out of range");
-        let ids = self.upload_u32(tokens)?;
+        assert!(out.len() >= ids.len() * table.cols, "embed: output too small");
         let f = self.f(match table.suffix() {
             "f32" => "embed_f32",
             "f16" => "embed_f16",
@@ -409,9 +408,9 @@ impl Gpu {
         });
         let (data, sc, bi) = self.parts(table);
         let cols = i32_of(table.cols, "cols");
-        let cfg = LaunchConfig { grid_dim: (tokens.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(f);
-        b.arg(&data).arg(&sc).arg(&bi).arg(&cols).arg(&ids).arg(out);
+        b.arg(&data).arg(&sc).arg(&bi).arg(&cols).arg(ids).arg(out);
         unsafe { b.launch(cfg) }.what("launching embed")?;
         Ok(())
     }
@@ -568,6 +567,8 @@ impl Gpu {
 
     /// Full attention of `tokens` new tokens at positions `past..past + tokens`; see the
     /// engine's `Backend::attention`. The caches hold `capacity` rows of `kv_heads * head_dim`.
+    /// The kernels read `past` from `past_on_device` (so that a recorded step can be replayed at
+    /// later positions); the host value bounds the cache accesses.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -580,6 +581,7 @@ impl Gpu {
         k_cache: &mut CudaSlice<f32>,
         v_cache: &mut CudaSlice<f32>,
         past: usize,
+        past_on_device: &CudaView<'_, u32>,
         tokens: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -605,7 +607,8 @@ impl Gpu {
         assert!(q_norm.len() >= hd && k_norm.len() >= hd, "attention: norm weights too small");
         let (heads, kv_heads, hd_i) =
             (i32_of(p.heads, "heads"), i32_of(p.kv_heads, "kv_heads"), i32_of(hd, "head_dim"));
-        let (rot, past_i, gated) = (i32_of(p.rotary_dim, "rotary_dim"), i32_of(past, "past"), p.gated as i32);
+        i32_of(past + tokens, "positions");
+        let (rot, gated) = (i32_of(p.rotary_dim, "rotary_dim"), p.gated as i32);
         let (theta, offset, eps) = (p.rope_theta, p.norm_offset, p.eps);
         let threads = (hd.next_power_of_two() as u32).clamp(32, 256);
         let cfg = LaunchConfig {
@@ -615,7 +618,7 @@ impl Gpu {
         };
         let mut b = self.stream.launch_builder(self.f("attn_append_kv"));
         b.arg(k).arg(v).arg(k_norm).arg(&mut *k_cache).arg(&mut *v_cache);
-        b.arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(&past_i);
+        b.arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(past_on_device);
         unsafe { b.launch(cfg) }.what("launching attn_append_kv")?;
 
         let warps = (ATTN_THREADS / 32) as usize;
@@ -626,7 +629,8 @@ impl Gpu {
         };
         let mut b = self.stream.launch_builder(self.f("attn_decode"));
         b.arg(q).arg(q_norm).arg(&*k_cache).arg(&*v_cache).arg(out);
-        b.arg(&heads).arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(&past_i).arg(&gated);
+        b.arg(&heads).arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(past_on_device);
+        b.arg(&gated);
         unsafe { b.launch(cfg) }.what("launching attn_decode")?;
         Ok(())
     }

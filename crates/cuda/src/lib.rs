@@ -8,16 +8,18 @@
 
 mod device;
 mod experts;
+mod graph;
 mod loader;
 mod pinned;
 mod ptx;
 mod tier;
 
-pub use cudarc::driver::{CudaSlice, PinnedHostSlice};
+pub use cudarc::driver::{CudaSlice, CudaView, PinnedHostSlice};
 pub use device::{
     DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS, expert_offsets, expert_parts, host_parts,
 };
 pub use experts::{Bandwidth, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget};
+pub use graph::{StepGraph, StepInputs};
 pub use pinned::{PinnedPool, PinnedStats};
 
 /// Why a GPU could not be used or an operation failed.

@@ -75,6 +75,12 @@ impl Routing {
     }
 }
 
+/// The error of a step being recorded ([`Backend::record_step`]) that needs the host midway, for
+/// example to route its tokens there: such a step runs directly instead.
+#[derive(Debug, thiserror::Error)]
+#[error("the step needs the host midway and cannot be recorded")]
+pub struct NotRecordable;
+
 pub trait Backend: Send + Sync {
     /// f32 activations on the device.
     type Tensor: Send + Sync;
@@ -83,8 +89,33 @@ pub trait Backend: Send + Sync {
     /// A routed expert made usable by [`expert_weights`](Self::expert_weights); dropped once
     /// its `expert_ffn` is queued.
     type ExpertWeights: ExpertMatrices<Self::Weight>;
+    /// A decode step recorded for replay ([`record_step`](Self::record_step)).
+    type Graph: Send;
 
     fn name(&self) -> String;
+
+    /// Records the device work that `body` queues, one decode step of `token` at `position`, as a
+    /// graph, queues it once, and returns it for [`replay_step`](Self::replay_step). `body` must
+    /// take the token and position only through [`embed`](Self::embed) and
+    /// [`attention`](Self::attention), and everything else it touches must keep its address
+    /// across replays. `Ok(None)`, having queued nothing, where the backend cannot record (the
+    /// default) or the step needs the host midway ([`NotRecordable`]): the caller then runs it
+    /// directly.
+    fn record_step(
+        &self,
+        _routing: &Routing,
+        _token: u32,
+        _position: usize,
+        _body: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Self::Graph>> {
+        Ok(None)
+    }
+
+    /// Queues a recorded step for `token` at `position`. False, having queued nothing, when the
+    /// backend's own buffers have moved since the recording (record the step again).
+    fn replay_step(&self, _graph: &Self::Graph, _token: u32, _position: usize) -> Result<bool> {
+        Ok(false)
+    }
 
     /// Makes a matrix usable on the device: once at load for dense weights.
     fn weight(&self, m: &Matrix) -> Result<Self::Weight>;

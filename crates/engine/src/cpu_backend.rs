@@ -13,6 +13,8 @@ impl Backend for CpuBackend {
     type Tensor = Vec<f32>;
     type Weight = Matrix;
     type ExpertWeights = [Matrix; 3];
+    /// Nothing to record: the CPU has no launches to save.
+    type Graph = std::convert::Infallible;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", moe_cpu::threads())

@@ -18,6 +18,12 @@
 //! ids are copied back (one small wait per layer), the missing experts are fetched (and uploaded
 //! or read in place), and the shared expert is queued before the host waits for the store.
 //!
+//! A decode step can be recorded as a CUDA graph and replayed ([`Backend::record_step`]) when it
+//! never needs the host midway, that is when every expert is resident. While recording, the
+//! embedding and attention read the token and position from [`moe_cuda::StepInputs`]; an operation
+//! that needs the host instead spoils the recording and queues nothing, and the step then runs
+//! directly.
+//!
 //! The trait's operations cannot fail, so a device error (out of memory, a faulting kernel) is
 //! a panic that names the operation; opening the device is the fallible step.
 
@@ -30,6 +36,7 @@ use moe_cuda::{
 use moe_store::{Budget, Expert, ExpertSource};
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub use moe_cuda::Error as CudaError;
 pub use moe_cuda::ExpertHandle;
@@ -41,6 +48,21 @@ pub struct CudaBackend {
     /// Scratch of the fused expert launches (`slots x inter` values), grown on demand.
     hidden: Mutex<Option<CudaSlice<f32>>>,
     tables: Mutex<ResidentTables>,
+    step: moe_cuda::StepInputs,
+    /// A step is being recorded, and whether something in it needed the host.
+    recording: AtomicBool,
+    spoiled: AtomicBool,
+    /// Counts reallocations of the scratch that recorded steps use.
+    scratch_epoch: AtomicU64,
+}
+
+/// A decode step recorded as a graph.
+pub struct CudaStepGraph {
+    graph: moe_cuda::StepGraph,
+    /// The expert tier's generation and the scratch epoch it was recorded under.
+    epoch: (u64, u64),
+    /// Expert hits of one step, counted on each replay.
+    hits: u64,
 }
 
 /// The chosen experts of one token, on the device and (when the host needs them) copied back.
@@ -104,7 +126,18 @@ impl CudaBackend {
     pub fn with_vram_budget(ordinal: usize, budget: Budget) -> Result<Self> {
         let gpu = Gpu::new(ordinal)?;
         let tier = gpu.expert_tier(vram_budget(budget))?;
-        Ok(CudaBackend { gpu, tier, routes: Mutex::default(), hidden: Mutex::default(), tables: Mutex::default() })
+        let step = gpu.step_inputs()?;
+        Ok(CudaBackend {
+            gpu,
+            tier,
+            routes: Mutex::default(),
+            hidden: Mutex::default(),
+            tables: Mutex::default(),
+            step,
+            recording: AtomicBool::new(false),
+            spoiled: AtomicBool::new(false),
+            scratch_epoch: AtomicU64::new(0),
+        })
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -129,9 +162,38 @@ impl CudaBackend {
     fn with_hidden<T>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<f32>) -> T) -> T {
         let mut h = self.hidden.lock().unwrap();
         if h.as_ref().is_none_or(|h| h.len() < len) {
+            // Memory allocated while recording belongs to the graph: use it for this call only.
+            if self.spoil_recording() {
+                return f(&mut ok(self.gpu.uninit(len), "allocation"));
+            }
             *h = Some(ok(self.gpu.uninit(len), "allocation"));
+            self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         f(h.as_mut().unwrap())
+    }
+
+    fn recording(&self) -> bool {
+        self.recording.load(Ordering::Relaxed)
+    }
+
+    /// For operations that need the host: true, having marked the recording spoiled, while a step
+    /// is being recorded (the operation then queues nothing: the step will run directly).
+    fn spoil_recording(&self) -> bool {
+        let recording = self.recording();
+        if recording {
+            self.spoiled.store(true, Ordering::Relaxed);
+        }
+        recording
+    }
+
+    fn graph_epoch(&self) -> (u64, u64) {
+        (self.tier.generation(), self.scratch_epoch.load(Ordering::Relaxed))
+    }
+
+    /// Whether a decode step can route on the device and find every expert in GPU memory.
+    fn routes_on_device(&self, routing: &Routing) -> bool {
+        let (experts, k) = (routing.experts, routing.top_k);
+        k > 0 && k <= MOE_MAX_SLOTS.min(experts) && experts <= ROUTE_MAX_EXPERTS
     }
 
     /// Queues the experts of `layer` chosen on the device (`ids`, `weights`) through the layer's
@@ -152,6 +214,9 @@ impl CudaBackend {
             tables.generation = generation;
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = tables.layers.entry(layer) {
+            if self.recording() {
+                return Ok(false);
+            }
             let Some(handles) = (0..experts).map(|e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
                 return Ok(false);
             };
@@ -202,6 +267,7 @@ impl Backend for CudaBackend {
     type Tensor = CudaSlice<f32>;
     type Weight = DeviceMatrix;
     type ExpertWeights = ExpertHandle;
+    type Graph = CudaStepGraph;
 
     fn name(&self) -> String {
         let s = self.tier.stats();
@@ -220,6 +286,46 @@ impl Backend for CudaBackend {
             s.misses,
             gib(s.bytes_uploaded)
         )
+    }
+
+    fn record_step(
+        &self,
+        routing: &Routing,
+        token: u32,
+        position: usize,
+        body: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<CudaStepGraph>> {
+        let resident = self.tier.stats().resident_experts >= routing.layers * routing.experts;
+        if !(resident && self.routes_on_device(routing)) {
+            return Ok(None);
+        }
+        self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
+        let hits = self.tier.stats().hits;
+        self.spoiled.store(false, Ordering::Relaxed);
+        self.recording.store(true, Ordering::Relaxed);
+        let recorded = self.gpu.record(|| -> Result<()> {
+            self.gpu.queue_step_inputs(&self.step)?;
+            body()
+        });
+        self.recording.store(false, Ordering::Relaxed);
+        let (out, graph) = recorded?;
+        if let Err(e) = out {
+            return if e.is::<NotRecordable>() { Ok(None) } else { Err(e) };
+        }
+        let Some(graph) = graph.filter(|_| !self.spoiled.load(Ordering::Relaxed)) else { return Ok(None) };
+        let g = CudaStepGraph { graph, epoch: self.graph_epoch(), hits: self.tier.stats().hits - hits };
+        self.gpu.replay(&g.graph)?;
+        Ok(Some(g))
+    }
+
+    fn replay_step(&self, g: &CudaStepGraph, token: u32, position: usize) -> Result<bool> {
+        if g.epoch != self.graph_epoch() {
+            return Ok(false);
+        }
+        self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
+        self.gpu.replay(&g.graph)?;
+        self.tier.count_hits(g.hits);
+        Ok(true)
     }
 
     fn weight(&self, m: &Matrix) -> Result<DeviceMatrix> {
@@ -304,6 +410,9 @@ impl Backend for CudaBackend {
     }
 
     fn tensor(&self, values: &[f32]) -> CudaSlice<f32> {
+        if self.spoil_recording() {
+            return self.scratch(values.len());
+        }
         ok(self.gpu.upload(values), "upload")
     }
 
@@ -316,6 +425,9 @@ impl Backend for CudaBackend {
     }
 
     fn read(&self, t: &CudaSlice<f32>, len: usize) -> Vec<f32> {
+        if self.spoil_recording() {
+            return vec![0.0; len];
+        }
         ok(self.gpu.download(t, len), "read")
     }
 
@@ -324,7 +436,13 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &DeviceMatrix, tokens: &[u32], out: &mut CudaSlice<f32>) {
-        ok(self.gpu.embed(table, tokens, out), "embed")
+        assert!(tokens.iter().all(|&t| (t as usize) < table.rows), "embed: token id out of range");
+        if self.recording() {
+            assert_eq!(tokens.len(), 1, "a recorded step embeds one token");
+            return ok(self.gpu.embed(table, &self.step.token(), out), "embed");
+        }
+        let ids = ok(self.gpu.upload_u32(tokens), "upload");
+        ok(self.gpu.embed(table, &ids.slice(..), out), "embed")
     }
 
     fn matmul(&self, w: &DeviceMatrix, x: &CudaSlice<f32>, tokens: usize, out: &mut CudaSlice<f32>) {
@@ -363,6 +481,9 @@ impl Backend for CudaBackend {
     }
 
     fn select_columns(&self, x: &CudaSlice<f32>, width: usize, cols: &[u32], tokens: usize, out: &mut CudaSlice<f32>) {
+        if self.spoil_recording() {
+            return;
+        }
         ok(self.gpu.select_columns(x, width, cols, tokens, out), "select_columns")
     }
 
@@ -385,7 +506,13 @@ impl Backend for CudaBackend {
             past + tokens,
             cache.capacity
         );
-        let r = self.gpu.attention(s, q_norm, k_norm, q, k, v, &mut cache.k, &mut cache.v, past, tokens, out);
+        let (kc, vc) = (&mut cache.k, &mut cache.v);
+        let r = if self.recording() {
+            self.gpu.attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &self.step.position(), tokens, out)
+        } else {
+            let past_on_device = ok(self.gpu.upload_u32(&[u32::try_from(past).expect("position")]), "upload");
+            self.gpu.attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &past_on_device.slice(..), tokens, out)
+        };
         ok(r, "attention")
     }
 
@@ -426,6 +553,9 @@ impl Backend for CudaBackend {
         scales: &[f32],
         acc: &mut CudaSlice<f32>,
     ) {
+        if self.spoil_recording() {
+            return;
+        }
         ok(self.gpu.expert_ffn(gate, up, down, x, rows, scales, acc), "expert_ffn")
     }
 
@@ -460,13 +590,17 @@ impl Backend for CudaBackend {
         acc: &mut CudaSlice<f32>,
     ) -> Result<Option<usize>> {
         let (experts, k) = (routing.experts, routing.top_k);
-        if k == 0 || k > MOE_MAX_SLOTS.min(experts) || experts > ROUTE_MAX_EXPERTS {
-            return Ok(None);
+        if !self.routes_on_device(routing) {
+            return if self.recording() { Err(NotRecordable.into()) } else { Ok(None) };
         }
         let mut routes = self.routes.lock().unwrap();
         if routes.as_ref().is_none_or(|r| r.ids.len() < k) {
+            if self.recording() {
+                return Err(NotRecordable.into());
+            }
             let g = &self.gpu;
             *routes = Some(RouteBuffers { ids: g.zeros_i32(k)?, weights: g.zeros(k)?, host_ids: g.pinned_i32(k)? });
+            self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         let r = routes.as_mut().unwrap();
         self.gpu.route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
@@ -479,6 +613,9 @@ impl Backend for CudaBackend {
             }
         }
 
+        if self.recording() {
+            return Err(NotRecordable.into());
+        }
         // The host needs the ids: copy them back and wait for that copy only.
         let ids: Vec<usize> = self.gpu.read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
         let missing: Vec<usize> = ids.iter().copied().filter(|&e| !self.tier.contains(layer, e)).collect();

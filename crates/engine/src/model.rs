@@ -36,9 +36,13 @@ pub struct Profile {
     pub shared_expert: Duration,
     /// Embedding, norms, residual adds and the output head.
     pub other: Duration,
+    /// Decode steps replayed from a recorded graph, whole (the device does not report phases).
+    pub replayed: Duration,
     pub tokens: usize,
     /// Routed expert computations (an expert used by several tokens of a batch counts once).
     pub expert_uses: usize,
+    /// Decode steps replayed from a recorded graph.
+    pub replays: usize,
 }
 
 impl Profile {
@@ -50,10 +54,11 @@ impl Profile {
             + self.experts
             + self.shared_expert
             + self.other
+            + self.replayed
     }
 
     /// The phases and their times, for reports.
-    pub fn phases(&self) -> [(&'static str, Duration); 7] {
+    pub fn phases(&self) -> [(&'static str, Duration); 8] {
         [
             ("attention", self.attention),
             ("deltanet", self.delta_net),
@@ -62,6 +67,7 @@ impl Profile {
             ("experts", self.experts),
             ("shared expert", self.shared_expert),
             ("other", self.other),
+            ("replayed steps", self.replayed),
         ]
     }
 }
@@ -112,11 +118,43 @@ pub struct Output {
     pub hidden: Vec<Vec<f32>>,
 }
 
-/// Per-conversation state: the KV caches and DeltaNet states of every layer.
+/// Per-conversation state: the KV caches and DeltaNet states of every layer, and the recorded
+/// decode step.
 pub struct Session<B: Backend> {
     layers: Vec<LayerState<B>>,
     /// Tokens processed so far (the position of the next token).
     pub position: usize,
+    graph: StepGraph<B>,
+}
+
+/// A session's decode step recorded for replay ([`Backend::record_step`]). A recording holds the
+/// addresses of the session's caches, so it is redone when they grow.
+enum StepGraph<B: Backend> {
+    /// The first decode step runs directly: it sizes the backend's scratch, which a recording
+    /// cannot allocate.
+    Warmup,
+    /// Record at the next decode step.
+    Pending,
+    Recorded {
+        graph: B::Graph,
+        logits: B::Tensor,
+        kv_capacity: usize,
+    },
+    /// The backend cannot record this model's steps.
+    Unavailable,
+}
+
+impl<B: Backend> Session<B> {
+    /// The positions the KV caches hold (all alike), 0 without attention layers.
+    fn kv_capacity(&self) -> usize {
+        self.layers
+            .iter()
+            .find_map(|l| match l {
+                LayerState::Attention(cache) => Some(cache.capacity),
+                LayerState::DeltaNet(_) => None,
+            })
+            .unwrap_or(0)
+    }
 }
 
 enum LayerState<B: Backend> {
@@ -258,7 +296,7 @@ impl<B: Backend> Model<B> {
                 }),
             })
             .collect();
-        Session { layers, position: 0 }
+        Session { layers, position: 0, graph: StepGraph::Warmup }
     }
 
     /// Runs `tokens` through the model at the session's position, all at once (prefill) or one
@@ -277,8 +315,78 @@ impl<B: Backend> Model<B> {
         if past + n > c.max_positions {
             bail!("{} tokens exceed the context of {} positions", past + n, c.max_positions);
         }
-        let h = c.hidden;
         let mut prof = Profile { tokens: n, ..Profile::default() };
+        self.reserve(session, past + n);
+        let (logits, hidden) = if n == 1 && !capture {
+            (self.decode(session, tokens[0], &mut prof)?, Vec::new())
+        } else {
+            let rows = if all_logits { n } else { 1 };
+            let mut logits = b.scratch(rows * c.vocab);
+            let hidden = self.queue(&mut session.layers, tokens, past, rows, capture, &mut prof, &mut logits)?;
+            let mut clock = Stopwatch::start();
+            let logits = b.read(&logits, rows * c.vocab);
+            clock.lap(&mut prof.other);
+            (logits, hidden)
+        };
+        session.position += n;
+        self.profile.lock().unwrap().add(&prof);
+        Ok(Output { logits, hidden })
+    }
+
+    /// The logits of one token at the session's position: a replay of the session's recorded step
+    /// where the backend records steps, else the step queued directly.
+    fn decode(&self, session: &mut Session<B>, token: u32, prof: &mut Profile) -> Result<Vec<f32>> {
+        let (b, vocab, past) = (&self.backend, self.config.vocab, session.position);
+        let kv = session.kv_capacity();
+        let mut clock = Stopwatch::start();
+        if let StepGraph::Recorded { graph, logits, kv_capacity } = &session.graph
+            && *kv_capacity == kv
+            && b.replay_step(graph, token, past)?
+        {
+            let out = b.read(logits, vocab);
+            clock.lap(&mut prof.replayed);
+            prof.replays += 1;
+            return Ok(out);
+        }
+        let mut logits = b.scratch(vocab);
+        match session.graph {
+            StepGraph::Pending | StepGraph::Recorded { .. } => {
+                let layers = &mut session.layers;
+                let mut step = || self.queue(layers, &[token], past, 1, false, prof, &mut logits).map(drop);
+                let recorded = b.record_step(&Routing::of(&self.config), token, past, &mut step)?;
+                if let Some(graph) = recorded {
+                    let out = b.read(&logits, vocab);
+                    session.graph = StepGraph::Recorded { graph, logits, kv_capacity: kv };
+                    return Ok(out);
+                }
+                session.graph = StepGraph::Unavailable;
+            }
+            StepGraph::Warmup => session.graph = StepGraph::Pending,
+            StepGraph::Unavailable => {}
+        }
+        self.queue(&mut session.layers, &[token], past, 1, false, prof, &mut logits)?;
+        let mut clock = Stopwatch::start();
+        let out = b.read(&logits, vocab);
+        clock.lap(&mut prof.other);
+        Ok(out)
+    }
+
+    /// Queues `tokens` at positions `past..` through every layer (carrying `layers`' state) and
+    /// the output head, whose logits for the last `rows` positions go to `logits`. Returns the
+    /// residual stream after each layer when `capture`.
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &self,
+        layers: &mut [LayerState<B>],
+        tokens: &[u32],
+        past: usize,
+        rows: usize,
+        capture: bool,
+        prof: &mut Profile,
+        logits: &mut B::Tensor,
+    ) -> Result<Vec<Vec<f32>>> {
+        let (b, c, n) = (&self.backend, &self.config, tokens.len());
+        let h = c.hidden;
         let mut clock = Stopwatch::start();
         let mut x = b.scratch(n * h);
         b.embed(&self.embed, tokens, &mut x);
@@ -288,7 +396,7 @@ impl<B: Backend> Model<B> {
         let (offset, eps) = (c.family.norm_offset(), c.rms_eps);
         // The previous layer's MoE output, added to the residual stream by the next norm.
         let mut pending: Option<B::Tensor> = None;
-        for (i, (layer, state)) in self.layers.iter().zip(session.layers.iter_mut()).enumerate() {
+        for (i, (layer, state)) in self.layers.iter().zip(layers.iter_mut()).enumerate() {
             match pending.take() {
                 Some(moe) => b.add_rms_norm(&mut x, &moe, &layer.input_norm, h, offset, eps, n, &mut normed),
                 None => b.rms_norm(&x, &layer.input_norm, offset, eps, n, &mut normed),
@@ -302,7 +410,6 @@ impl<B: Backend> Model<B> {
                     b.matmul(q, &normed, n, &mut qb);
                     b.matmul(k, &normed, n, &mut kb);
                     b.matmul(v, &normed, n, &mut vb);
-                    self.reserve(cache, past + n);
                     let mut attn = b.scratch(n * s.out_width());
                     b.attention(s, q_norm, k_norm, &qb, &kb, &vb, cache, past, n, &mut attn);
                     b.matmul(o, &attn, n, &mut mixed);
@@ -316,7 +423,7 @@ impl<B: Backend> Model<B> {
             }
             b.add_rms_norm(&mut x, &mixed, &layer.post_norm, h, offset, eps, n, &mut normed);
             clock.lap(&mut prof.other);
-            let moe = self.moe(i, layer, &normed, n, &mut prof).with_context(|| format!("layer {i}"))?;
+            let moe = self.moe(i, layer, &normed, n, prof).with_context(|| format!("layer {i}"))?;
             clock = Stopwatch::start();
             if capture {
                 b.add(&mut x, &moe, n * h);
@@ -325,8 +432,6 @@ impl<B: Backend> Model<B> {
                 pending = Some(moe);
             }
         }
-        session.position += n;
-        let rows = if all_logits { n } else { 1 };
         if rows == n {
             match pending.take() {
                 Some(moe) => b.add_rms_norm(&mut x, &moe, &self.final_norm, h, offset, eps, n, &mut normed),
@@ -339,24 +444,24 @@ impl<B: Backend> Model<B> {
             let last = b.tensor(&b.read(&x, n * h)[(n - 1) * h..]);
             b.rms_norm(&last, &self.final_norm, offset, eps, 1, &mut normed);
         }
-        let mut logits = b.scratch(rows * c.vocab);
-        b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &normed, rows, &mut logits);
-        let logits = b.read(&logits, rows * c.vocab);
+        b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &normed, rows, logits);
         clock.lap(&mut prof.other);
-        self.profile.lock().unwrap().add(&prof);
-        Ok(Output { logits, hidden })
+        Ok(hidden)
     }
 
-    /// Grows a KV cache to hold at least `positions`, doubling to keep growth rare.
-    fn reserve(&self, cache: &mut KvCache<B>, positions: usize) {
-        if positions <= cache.capacity {
-            return;
-        }
+    /// Grows the session's KV caches to hold at least `positions`, doubling to keep growth rare.
+    fn reserve(&self, session: &mut Session<B>, positions: usize) {
         let w = self.attention.kv_width();
         let cap = positions.next_power_of_two().clamp(64, self.config.max_positions.max(positions));
-        cache.k = self.backend.resized(&cache.k, cache.capacity * w, cap * w);
-        cache.v = self.backend.resized(&cache.v, cache.capacity * w, cap * w);
-        cache.capacity = cap;
+        for state in &mut session.layers {
+            if let LayerState::Attention(cache) = state
+                && positions > cache.capacity
+            {
+                cache.k = self.backend.resized(&cache.k, cache.capacity * w, cap * w);
+                cache.v = self.backend.resized(&cache.v, cache.capacity * w, cap * w);
+                cache.capacity = cap;
+            }
+        }
     }
 
     fn delta_net(
@@ -483,8 +588,10 @@ impl Profile {
         self.experts += o.experts;
         self.shared_expert += o.shared_expert;
         self.other += o.other;
+        self.replayed += o.replayed;
         self.tokens += o.tokens;
         self.expert_uses += o.expert_uses;
+        self.replays += o.replays;
     }
 }
 

@@ -1,7 +1,7 @@
 //! Whole-model parity on the GPU: the tiny fixtures of every family under `tests/fixtures/`
 //! loaded on [`CudaBackend`], logits compared with the `transformers` reference (relative L2
-//! <= 1e-3) through batched prefill, token-by-token decode and prefill followed by decode, and
-//! with the CPU backend.
+//! <= 1e-3) through batched prefill, token-by-token decode (replayed from recorded graphs) and
+//! prefill followed by decode, and with the CPU backend.
 //!
 //! Without a GPU or CUDA driver each test prints "SKIPPED <test>: no CUDA device" to stderr
 //! and returns; with `FLASH_MOE_REQUIRE_CUDA=1` a missing device fails instead. The fixtures are
@@ -54,6 +54,11 @@ fn run_family(test: &str, name: &str) {
         decoded.extend(model.forward(&mut s, &[tok], true, false).unwrap().logits);
     }
     check(name, "decode", &decoded, &r, &cpu_logits, vocab);
+    // Every expert is resident, so all but the first two steps (one to size the scratch, one to
+    // record) and the re-recordings when the KV cache grows replay a recorded graph.
+    let replays = model.take_profile().replays;
+    println!("{name} decode: {replays} of {} steps replayed", r.ids.len());
+    assert!(replays + 8 >= r.ids.len(), "{name}: only {replays} of {} decode steps replayed", r.ids.len());
 
     let split = 70.min(r.ids.len() - 1);
     let mut s = model.new_session();

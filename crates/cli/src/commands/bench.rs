@@ -146,6 +146,7 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
             "disk_direct_io": disk.direct,
             "dram_gbps": dram_gbps,
             "prefill_tok_s": prompt.len() as f64 / prefill.as_secs_f64(),
+            "replayed_steps": profile.replays,
             "decode_tok_s": tok_s,
             "dense_bytes_per_token": dense_per_token,
             "expert_bytes_per_token_ram": ram_expert_bytes,
@@ -245,6 +246,9 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
     }
     let phases: Vec<String> = profile.phases().iter().map(|(k, d)| format!("{k} {:.3}", per_layer(*d))).collect();
     println!("ms/layer     {}", phases.join(", "));
+    if profile.replays > 0 {
+        println!("graphs       {} of {} decode steps replayed from a recorded graph", profile.replays, a.tokens);
+    }
     println!("{}", super::store_stats(model));
     Ok(())
 }
