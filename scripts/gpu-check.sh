@@ -10,6 +10,9 @@
 #                                    # (kernel_bench), and decoding a synthetic qwen3.5-397b of L
 #                                    # layers (q4 experts, q8 dense): experts in GPU memory, from
 #                                    # RAM (pinned), on the CPU backend, from disk (cold)
+#   GPU_CHECK_RUNS="1 1e" scripts/gpu-check.sh --bench L
+#                                    # only the named decode runs (default: all, "1 1e 2 3 4";
+#                                    # 1e is run 1 with every kernel queued, no CUDA graph)
 #
 # The run step builds nothing. It requires a GPU (FLASH_MOE_REQUIRE_CUDA=1 turns the tests'
 # "SKIPPED ... no CUDA device" into failures), uses a fresh PTX cache (so the first test binary
@@ -80,6 +83,9 @@ export RUST_BACKTRACE=1
 # Benchmarks with the carried binary; each step has a time limit so that one hang cannot eat the
 # machine's time. The model goes to a disk-backed directory (not tmpfs), so that dropping the page
 # cache makes the last run read from disk.
+runs=" ${GPU_CHECK_RUNS:-1 1e 2 3 4} "
+wanted() { [[ "$runs" == *" $1 "* ]]; }
+
 bench() {
     local layers="$1" bin="$root/.carry/bin/flash-moe" blog="${OUT:+$OUT/bench.log}" dir
     chmod +x "$bin" 2>/dev/null || true
@@ -105,21 +111,25 @@ bench() {
     local common=(--model "$model" --probe-seconds 1)
     # 1. Every expert in GPU memory: they all fit the budget, so loading the model uploads them
     #    (through the page cache), and decoding routes on the GPU without copying anything back.
-    step 150 "$bin" bench "${common[@]}" --device cuda --vram-budget auto --ram-budget 0 --no-direct-io \
-        --prompt-tokens 16 --tokens 64
-    nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$blog"
+    local resident=(--device cuda --vram-budget auto --ram-budget 0 --no-direct-io --prompt-tokens 16 --tokens 64)
+    if wanted 1; then
+        step 150 "$bin" bench "${common[@]}" "${resident[@]}"
+        nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$blog"
+    fi
+    wanted 1e && step 150 "$bin" bench "${common[@]}" "${resident[@]}" --no-graphs
     # 2. No VRAM tier: every expert copied from the RAM tier (pinned memory, warmed with every
     #    expert first) by the copy engine at each use.
-    step 150 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget auto --no-direct-io \
-        --warm-ram --prompt-tokens 16 --tokens 32
-    # 3. The CPU backend on the same model, experts from RAM (GPU_CHECK_CPU=0 skips it).
-    if [[ "${GPU_CHECK_CPU:-1}" != 0 ]]; then
-        step 90 "$bin" bench "${common[@]}" --device cpu --ram-budget auto --no-direct-io --prompt-tokens 8 --tokens 8
-    fi
+    wanted 2 && step 150 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget auto \
+        --no-direct-io --warm-ram --prompt-tokens 16 --tokens 32
+    # 3. The CPU backend on the same model, experts from RAM.
+    wanted 3 && step 90 "$bin" bench "${common[@]}" --device cpu --ram-budget auto --no-direct-io \
+        --prompt-tokens 8 --tokens 8
     # 4. Cold: page cache dropped, every expert from disk (O_DIRECT) each time it is used.
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-    step 90 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget 0 --prompt-tokens 8 --tokens 16
+    if wanted 4; then
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        step 90 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget 0 --prompt-tokens 8 --tokens 16
+    fi
     rm -rf "$model"
 }
 

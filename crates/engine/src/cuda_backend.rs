@@ -49,6 +49,8 @@ pub struct CudaBackend {
     hidden: Mutex<Option<CudaSlice<f32>>>,
     tables: Mutex<ResidentTables>,
     step: moe_cuda::StepInputs,
+    /// Whether decode steps are recorded and replayed at all.
+    graphs: AtomicBool,
     /// A step is being recorded, and whether something in it needed the host.
     recording: AtomicBool,
     spoiled: AtomicBool,
@@ -134,6 +136,7 @@ impl CudaBackend {
             hidden: Mutex::default(),
             tables: Mutex::default(),
             step,
+            graphs: AtomicBool::new(true),
             recording: AtomicBool::new(false),
             spoiled: AtomicBool::new(false),
             scratch_epoch: AtomicU64::new(0),
@@ -170,6 +173,11 @@ impl CudaBackend {
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         f(h.as_mut().unwrap())
+    }
+
+    /// Turns the recording and replay of decode steps on or off (on by default).
+    pub fn use_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
     }
 
     fn recording(&self) -> bool {
@@ -296,7 +304,7 @@ impl Backend for CudaBackend {
         body: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Option<CudaStepGraph>> {
         let resident = self.tier.stats().resident_experts >= routing.layers * routing.experts;
-        if !(resident && self.routes_on_device(routing)) {
+        if !(self.graphs.load(Ordering::Relaxed) && resident && self.routes_on_device(routing)) {
             return Ok(None);
         }
         self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;

@@ -43,6 +43,10 @@ pub struct ModelArgs {
     /// or auto (free GPU memory once the dense weights are loaded, less 2 GiB).
     #[arg(long, default_value = "auto")]
     pub vram_budget: Budget,
+    /// On the GPU, queue every decode step's kernels one by one instead of replaying the step
+    /// recorded as a CUDA graph (for comparisons and debugging).
+    #[arg(long)]
+    pub no_graphs: bool,
     /// Where to compute: auto picks the GPU when one is present.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
@@ -92,6 +96,7 @@ impl ModelArgs {
         };
         Ok(match gpu {
             Some(g) => {
+                g.use_graphs(!self.no_graphs);
                 // Expert buffers in the GPU's page-locked memory: disk reads land where the DMA
                 // to the device reads from, with no staging copy.
                 let store = StoreOptions { host_memory: Some(g.gpu().pinned_pool()), ..self.store_options() };
