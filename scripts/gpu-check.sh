@@ -11,8 +11,8 @@
 #                                    # layers (q4 experts, q8 dense): experts in GPU memory, from
 #                                    # RAM (pinned), on the CPU backend, from disk (cold)
 #   GPU_CHECK_RUNS="1 1e" scripts/gpu-check.sh --bench L
-#                                    # only the named decode runs (default: all, "1 1e 2 3 4";
-#                                    # 1e is run 1 with every kernel queued, no CUDA graph)
+#                                    # only the named benchmarks (default: all, "k 1 1e 2 3 4";
+#                                    # k is kernel_bench, 1e is run 1 without CUDA graphs)
 #
 # The run step builds nothing. It requires a GPU (FLASH_MOE_REQUIRE_CUDA=1 turns the tests'
 # "SKIPPED ... no CUDA device" into failures), uses a fresh PTX cache (so the first test binary
@@ -83,7 +83,7 @@ export RUST_BACKTRACE=1
 # Benchmarks with the carried binary; each step has a time limit so that one hang cannot eat the
 # machine's time. The model goes to a disk-backed directory (not tmpfs), so that dropping the page
 # cache makes the last run read from disk.
-runs=" ${GPU_CHECK_RUNS:-1 1e 2 3 4} "
+runs=" ${GPU_CHECK_RUNS:-k 1 1e 2 3 4} "
 wanted() { [[ "$runs" == *" $1 "* ]]; }
 
 bench() {
@@ -104,7 +104,7 @@ bench() {
     }
     uname -a >>"$blog"
     chmod +x "$root/.carry/bin/kernel_bench" 2>/dev/null || true
-    step 120 "$root/.carry/bin/kernel_bench"
+    wanted k && step 120 "$root/.carry/bin/kernel_bench"
     free -g | tee -a "$blog"
     df -h "$dir" | tee -a "$blog"
     step 150 "$bin" synth --shape qwen3.5-397b --layers "$layers" --experts q4 --dense q8 --out "$model" --force
