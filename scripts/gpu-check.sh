@@ -12,7 +12,8 @@
 #                                    # RAM (pinned), on the CPU backend, from disk (cold)
 #   GPU_CHECK_RUNS="1 1e" scripts/gpu-check.sh --bench L
 #                                    # only the named benchmarks (default: all, "k 1 1e 2 3 4";
-#                                    # k is kernel_bench, 1e is run 1 without CUDA graphs)
+#                                    # k is kernel_bench, 1e is run 1 without CUDA graphs; p,
+#                                    # not in the default, profiles run 1's kernels with ncu)
 #
 # The run step builds nothing. It requires a GPU (FLASH_MOE_REQUIRE_CUDA=1 turns the tests'
 # "SKIPPED ... no CUDA device" into failures), uses a fresh PTX cache (so the first test binary
@@ -117,6 +118,16 @@ bench() {
         nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$blog"
     fi
     wanted 1e && step 150 "$bin" bench "${common[@]}" "${resident[@]}" --no-graphs
+    # p. Every kernel of run 1 (one-token prompt, three decoded tokens, no graphs) under Nsight
+    #    Compute: time, DRAM and SM throughput per kernel name, summed over the four steps.
+    if wanted p; then
+        local csv="${OUT:-/tmp}/ncu.csv"
+        step 300 /usr/local/cuda/bin/ncu --csv --log-file "$csv" --metrics \
+            gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
+            "$bin" bench "${common[@]}" --device cuda --vram-budget auto --ram-budget 0 --no-direct-io \
+            --prompt-tokens 1 --tokens 3 --no-graphs
+        python3 "$root/scripts/ncu-summary.py" "$csv" 4 | tee -a "$blog"
+    fi
     # 2. No VRAM tier: every expert copied from the RAM tier (pinned memory, warmed with every
     #    expert first) by the copy engine at each use.
     wanted 2 && step 150 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget auto \
