@@ -97,6 +97,11 @@ impl WeightFormat {
     }
 }
 
+/// Matrices that cannot be combined as asked.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MatrixError(String);
+
 /// A weight matrix `[rows, cols]`, row-major, used as `y = W x`.
 /// For affine formats `data` holds the codes (`rows * cols * bits / 8` bytes), `scales` and
 /// `biases` hold `rows * cols / group` bf16 values each; for float formats they are empty.
@@ -123,25 +128,59 @@ impl Matrix {
 
     /// Rows `range` as a matrix of their own, sharing the bytes.
     pub fn rows(&self, range: std::ops::Range<usize>) -> Matrix {
-        let n = range.end - range.start;
-        match self.format {
-            WeightFormat::Float(d) => {
-                let rb = self.cols * d.size();
-                Matrix::float(d, n, self.cols, self.data.slice(range.start * rb..range.end * rb))
-            }
-            WeightFormat::Affine { bits, group } => {
-                let cb = self.cols * bits as usize / 8;
-                let sb = self.cols / group * 2;
-                Matrix {
-                    format: self.format,
-                    rows: n,
-                    cols: self.cols,
-                    data: self.data.slice(range.start * cb..range.end * cb),
-                    scales: self.scales.slice(range.start * sb..range.end * sb),
-                    biases: self.biases.slice(range.start * sb..range.end * sb),
-                }
+        let parts = self.row_parts().map(|(bytes, rb)| bytes.slice(range.start * rb..range.end * rb));
+        self.with_parts(range.end - range.start, parts)
+    }
+
+    /// The matrix whose row `i` is row `order[i]` of this one (a copy). Panics if an index is out
+    /// of range.
+    pub fn select_rows(&self, order: &[u32]) -> Matrix {
+        if let Some(&bad) = order.iter().find(|&&r| r as usize >= self.rows) {
+            panic!("select_rows: row {bad} of a matrix of {} rows", self.rows);
+        }
+        let parts = self.row_parts().map(|(bytes, rb)| {
+            let rows = order.iter().map(|&r| &bytes[r as usize * rb..(r as usize + 1) * rb]);
+            Bytes::from_vec(rows.collect::<Vec<_>>().concat())
+        });
+        self.with_parts(order.len(), parts)
+    }
+
+    /// The rows of `parts`, one after another, as one matrix (a copy): several projections of
+    /// the same input then run as one product. The parts must share their columns and format.
+    pub fn concat_rows(parts: &[&Matrix]) -> Result<Matrix, MatrixError> {
+        let Some(first) = parts.first() else {
+            return Err(MatrixError("no matrices to concatenate".into()));
+        };
+        for (i, p) in parts.iter().enumerate() {
+            if p.cols != first.cols || p.format != first.format {
+                return Err(MatrixError(format!(
+                    "cannot concatenate rows of different matrices: part {i} is {} with {} columns, part 0 {} with {} columns",
+                    p.format.name(),
+                    p.cols,
+                    first.format.name(),
+                    first.cols
+                )));
             }
         }
+        let joined = |part: usize| {
+            let bytes: Vec<&[u8]> = parts.iter().map(|p| &p.row_parts()[part].0[..]).collect();
+            Bytes::from_vec(bytes.concat())
+        };
+        Ok(first.with_parts(parts.iter().map(|p| p.rows).sum(), [joined(0), joined(1), joined(2)]))
+    }
+
+    /// `data`, `scales` and `biases` with the bytes each holds per row: every part is row-major,
+    /// since quantisation groups run along a row.
+    fn row_parts(&self) -> [(&Bytes, usize); 3] {
+        let (data, groups) = match self.format {
+            WeightFormat::Float(d) => (self.cols * d.size(), 0),
+            WeightFormat::Affine { bits, group } => (self.cols * bits as usize / 8, self.cols / group * 2),
+        };
+        [(&self.data, data), (&self.scales, groups), (&self.biases, groups)]
+    }
+
+    fn with_parts(&self, rows: usize, [data, scales, biases]: [Bytes; 3]) -> Matrix {
+        Matrix { format: self.format, rows, cols: self.cols, data, scales, biases }
     }
 
     /// Total bytes of the stored matrix.
@@ -192,6 +231,7 @@ impl Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::quantize;
 
     #[test]
     fn bf16_decoding_is_a_shift() {
@@ -214,6 +254,62 @@ mod tests {
         for (i, v) in row.iter().enumerate() {
             assert_eq!(*v, 0.5 * (i % 16) as f32 - 1.0);
         }
+    }
+
+    /// The same 6 x 64 values (distinct rows) as f32, bf16 and 8-, 4- and 2-bit affine matrices.
+    fn every_format() -> Vec<Matrix> {
+        let (rows, cols) = (6, 64);
+        let values: Vec<f32> =
+            (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 16.0 + (i / cols) as f32).collect();
+        let bf16 = Bytes::from_vec(values.iter().flat_map(|&v| f32_to_bf16_bits(v).to_le_bytes()).collect());
+        vec![
+            Matrix::from_f32(rows, cols, &values),
+            Matrix::float(DType::BF16, rows, cols, bf16),
+            quantize(&values, rows, cols, 8, 32),
+            quantize(&values, rows, cols, 4, 64),
+            quantize(&values, rows, cols, 2, 32),
+        ]
+    }
+
+    fn row(m: &Matrix, r: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m.cols];
+        m.row_f32(r, &mut out);
+        out
+    }
+
+    #[test]
+    fn selected_rows_dequantise_as_their_source_rows() {
+        let order = [4u32, 0, 5, 5, 2];
+        for m in every_format() {
+            let s = m.select_rows(&order);
+            assert_eq!((s.rows, s.cols, s.format), (order.len(), m.cols, m.format));
+            assert_eq!(s.byte_len(), order.len() * m.format.row_bytes(m.cols));
+            for (i, &r) in order.iter().enumerate() {
+                assert_eq!(row(&s, i), row(&m, r as usize), "{} row {i}", m.format.name());
+            }
+        }
+    }
+
+    #[test]
+    fn concatenated_rows_dequantise_as_their_parts() {
+        for m in every_format() {
+            let (a, b, c) = (m.rows(3..6), m.rows(0..1), m.rows(1..3));
+            let cat = Matrix::concat_rows(&[&a, &b, &c]).unwrap();
+            assert_eq!((cat.rows, cat.cols, cat.format), (6, m.cols, m.format));
+            for (i, r) in [3, 4, 5, 0, 1, 2].into_iter().enumerate() {
+                assert_eq!(row(&cat, i), row(&m, r), "{} row {i}", m.format.name());
+            }
+        }
+    }
+
+    #[test]
+    fn concatenation_needs_one_format_and_width() {
+        let f = every_format();
+        let err = Matrix::concat_rows(&[&f[3], &f[2]]).unwrap_err().to_string();
+        assert!(err.contains("part 1 is q8 (group 32)") && err.contains("part 0 q4 (group 64)"), "{err}");
+        let narrow = Matrix::from_f32(1, 2, &[1.0, 2.0]);
+        assert!(Matrix::concat_rows(&[&f[0], &narrow]).is_err());
+        assert!(Matrix::concat_rows(&[]).is_err());
     }
 
     #[test]

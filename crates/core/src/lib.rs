@@ -13,5 +13,5 @@ pub mod tier;
 
 pub use bytes::Bytes;
 pub use config::{ConfigError, Family, LayerKind, ModelConfig};
-pub use format::{DType, Matrix, WeightFormat};
+pub use format::{DType, Matrix, MatrixError, WeightFormat};
 pub use host_memory::{HOST_MEMORY_ALIGN, HostMemory};

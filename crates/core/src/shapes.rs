@@ -48,6 +48,11 @@ impl DeltaNetShape {
     pub fn conv_width(&self) -> usize {
         2 * self.key_width() + self.value_width()
     }
+    /// Columns of the input projection: the conv channels (q, k, v), then z (`value_width`),
+    /// then b and a (`v_heads` each).
+    pub fn proj_width(&self) -> usize {
+        self.conv_width() + self.value_width() + 2 * self.v_heads
+    }
     pub fn state_len(&self) -> usize {
         self.v_heads * self.k_dim * self.v_dim
     }

@@ -1,11 +1,14 @@
 // GatedDeltaNet: causal depthwise conv + SiLU, L2-normed q/k, the gated delta rule over the
-// device-resident state, gated RMSNorm.
+// device-resident state, gated RMSNorm. The inputs are column ranges of one projection whose
+// rows are `stride` floats apart (one matmul produces them all), so each kernel takes a pointer to
+// its first column and the row stride.
 
 #define DN_MAX_KERNEL 8
 
 // One thread per channel walks the tokens; `hist` is [kernel - 1, channels], oldest first.
-extern "C" __global__ void dn_conv(const float* __restrict__ qkv, const float* __restrict__ w, float* __restrict__ hist,
-                                   float* __restrict__ mixed, int channels, int kernel, int tokens) {
+extern "C" __global__ void dn_conv(const float* __restrict__ qkv, int stride, const float* __restrict__ w,
+                                   float* __restrict__ hist, float* __restrict__ mixed, int channels, int kernel,
+                                   int tokens) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= channels) return;
     float h[DN_MAX_KERNEL - 1];
@@ -15,7 +18,7 @@ extern "C" __global__ void dn_conv(const float* __restrict__ qkv, const float* _
 #pragma unroll
     for (int j = 0; j < DN_MAX_KERNEL; j++) wk[j] = j < kernel ? w[(u64)ch * kernel + j] : 0.0f;
     for (int t = 0; t < tokens; t++) {
-        const float in = qkv[(u64)t * channels + ch];
+        const float in = qkv[(u64)t * stride + ch];
         float acc = 0.0f, last = 0.0f;
 #pragma unroll
         for (int j = 0; j < DN_MAX_KERNEL; j++)
@@ -59,8 +62,9 @@ extern "C" __global__ void dn_qk_norm(float* __restrict__ mixed, int channels, i
 // [k_dim, v_dim] state, kept in shared memory while the block walks the tokens.
 extern "C" __global__ void __launch_bounds__(32)
     dn_recurrence(const float* __restrict__ mixed, const float* __restrict__ beta_in, const float* __restrict__ a_in,
-                  const float* __restrict__ a_log, const float* __restrict__ dt_bias, float* __restrict__ ssm,
-                  float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim, int v_dim, int tokens) {
+                  int stride, const float* __restrict__ a_log, const float* __restrict__ dt_bias,
+                  float* __restrict__ ssm, float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim,
+                  int v_dim, int tokens) {
     extern __shared__ float smem[];
     float* S = smem;                   // [k_dim][32]
     float* qs = smem + k_dim * 32;     // k_dim
@@ -84,8 +88,8 @@ extern "C" __global__ void __launch_bounds__(32)
             ks[i] = row[kw + kh * k_dim + i];
         }
         __syncwarp();
-        const float beta = sigmoidf_(beta_in[(u64)t * v_heads + h]);
-        const float g = neg_a * softplusf_(a_in[(u64)t * v_heads + h] + bias);
+        const float beta = sigmoidf_(beta_in[(u64)t * stride + h]);
+        const float g = neg_a * softplusf_(a_in[(u64)t * stride + h] + bias);
         const float decay = expf(g);
         const float v = valid ? row[2 * kw + (u64)h * v_dim + j] : 0.0f;
         float kv = 0.0f;
@@ -108,13 +112,14 @@ extern "C" __global__ void __launch_bounds__(32)
 }
 
 // Grid (tokens, v_heads): o = rmsnorm(o) * w * silu(z), in place.
-extern "C" __global__ void dn_gated_norm(float* __restrict__ o, const float* __restrict__ z, const float* __restrict__ w,
-                                         int v_heads, int v_dim, float eps) {
+extern "C" __global__ void dn_gated_norm(float* __restrict__ o, const float* __restrict__ z, int stride,
+                                         const float* __restrict__ w, int v_heads, int v_dim, float eps) {
     __shared__ float red[32];
     const u64 base = (u64)blockIdx.x * v_heads * v_dim + (u64)blockIdx.y * v_dim;
+    const float* zh = z + (u64)blockIdx.x * stride + (u64)blockIdx.y * v_dim;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < v_dim; i += blockDim.x) ss = fmaf(o[base + i], o[base + i], ss);
     const float total = block_sum(ss, red);
     const float inv = 1.0f / sqrtf(total / (float)v_dim + eps);
-    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) o[base + i] = o[base + i] * inv * w[i] * siluf_(z[base + i]);
+    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) o[base + i] = o[base + i] * inv * w[i] * siluf_(zh[i]);
 }

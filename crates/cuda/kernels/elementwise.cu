@@ -34,17 +34,6 @@ extern "C" __global__ void add_inplace(float* __restrict__ acc, const float* __r
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x) acc[i] += x[i];
 }
 
-// out[t][j] = x[t][cols[j]] for rows of `width`.
-extern "C" __global__ void select_columns(const float* __restrict__ x, int width, const u32* __restrict__ cols, int n,
-                                          int tokens, float* __restrict__ out) {
-    const u64 total = (u64)tokens * n;
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        const u64 t = i / n;
-        const int j = (int)(i % n);
-        out[i] = x[t * width + cols[j]];
-    }
-}
-
 // xs[i] = x[rows[i]] for rows of `width`.
 extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* __restrict__ rows, int width, int n,
                                        float* __restrict__ xs) {

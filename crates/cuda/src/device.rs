@@ -40,7 +40,6 @@ pub(crate) const KERNELS: &[&str] = &[
     "rms_norm",
     "add_rms_norm",
     "add_inplace",
-    "select_columns",
     "gather_rows",
     "swiglu",
     "scatter_add",
@@ -543,28 +542,6 @@ impl Gpu {
         Ok(())
     }
 
-    /// `out[t][j] = x[t][cols[j]]` for rows of `width`.
-    pub fn select_columns(
-        &self,
-        x: &CudaSlice<f32>,
-        width: usize,
-        cols: &[u32],
-        tokens: usize,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        if tokens == 0 || cols.is_empty() {
-            return Ok(());
-        }
-        assert!(x.len() >= tokens * width && out.len() >= tokens * cols.len(), "select_columns: buffers too small");
-        assert!(cols.iter().all(|&c| (c as usize) < width), "select_columns: column out of range");
-        let idx = self.upload_u32(cols)?;
-        let (w, n, t) = (i32_of(width, "width"), i32_of(cols.len(), "columns"), i32_of(tokens, "tokens"));
-        let mut b = self.stream.launch_builder(self.f("select_columns"));
-        b.arg(x).arg(&w).arg(&idx).arg(&n).arg(&t).arg(out);
-        unsafe { b.launch(grid_1d(tokens * cols.len(), 256)) }.what("launching select_columns")?;
-        Ok(())
-    }
-
     /// Full attention of `tokens` new tokens at positions `past..past + tokens`; see the
     /// engine's `Backend::attention`. The caches hold `capacity` rows of `kv_heads * head_dim`.
     /// The kernels read `past` from `past_on_device` (so that a recorded step can be replayed at
@@ -637,8 +614,8 @@ impl Gpu {
 
     /// GatedDeltaNet over `tokens` tokens; see the engine's `Backend::delta_net`.
     /// `conv_w` is `[conv_width, kernel]`; `conv_state` `[kernel - 1, conv_width]`; `ssm`
-    /// `[v_heads, k_dim, v_dim]`; `qkv` `[tokens, conv_width]`; `z` and `out`
-    /// `[tokens, value_width]`; `beta` and `a` `[tokens, v_heads]`.
+    /// `[v_heads, k_dim, v_dim]`; `proj` `[tokens, proj_width]` (the layout the engine's
+    /// `Backend::delta_net` documents); `out` `[tokens, value_width]`.
     #[allow(clippy::too_many_arguments)]
     pub fn delta_net(
         &self,
@@ -647,10 +624,7 @@ impl Gpu {
         a_log: &CudaSlice<f32>,
         dt_bias: &CudaSlice<f32>,
         norm: &CudaSlice<f32>,
-        qkv: &CudaSlice<f32>,
-        z: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        a: &CudaSlice<f32>,
+        proj: &CudaSlice<f32>,
         conv_state: &mut CudaSlice<f32>,
         ssm: &mut CudaSlice<f32>,
         tokens: usize,
@@ -665,21 +639,20 @@ impl Gpu {
                 "DeltaNet with conv kernel {kk} (at most {DN_MAX_KERNEL}), k_dim {dk} (at most {DN_MAX_K_DIM}), {kh} key heads, {vh} value heads"
             )));
         }
-        let kw = kh * dk;
-        let vw = vh * dv;
-        let cw = 2 * kw + vw;
-        assert!(qkv.len() >= tokens * cw && z.len() >= tokens * vw, "delta_net: inputs too small");
-        assert!(beta.len() >= tokens * vh && a.len() >= tokens * vh, "delta_net: beta/a too small");
+        let (cw, vw, pw) = (p.conv_width(), p.value_width(), p.proj_width());
+        assert!(proj.len() >= tokens * pw, "delta_net: projection too small");
         assert!(conv_w.len() >= cw * kk && conv_state.len() >= (kk - 1) * cw, "delta_net: conv buffers too small");
         assert!(ssm.len() >= vh * dk * dv && out.len() >= tokens * vw, "delta_net: state/output too small");
         assert!(a_log.len() >= vh && dt_bias.len() >= vh && norm.len() >= dv, "delta_net: parameters too small");
         let mut mixed = self.uninit(tokens * cw)?;
         let (cw_i, kk_i, t_i) = (i32_of(cw, "conv_width"), i32_of(kk, "kernel"), i32_of(tokens, "tokens"));
+        let pw_i = i32_of(pw, "proj_width");
+        let (z, beta, a) = (proj.slice(cw..), proj.slice(cw + vw..), proj.slice(cw + vw + vh..));
         let (kh_i, vh_i, dk_i, dv_i) =
             (i32_of(kh, "k_heads"), i32_of(vh, "v_heads"), i32_of(dk, "k_dim"), i32_of(dv, "v_dim"));
 
         let mut b = self.stream.launch_builder(self.f("dn_conv"));
-        b.arg(qkv).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i);
+        b.arg(proj).arg(&pw_i).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i);
         unsafe { b.launch(grid_1d(cw, 128)) }.what("launching dn_conv")?;
 
         let threads = (dk.next_power_of_two() as u32).clamp(32, 256);
@@ -698,7 +671,7 @@ impl Gpu {
             shared_mem_bytes: ((dk * 32 + 2 * dk) * 4) as u32,
         };
         let mut b = self.stream.launch_builder(self.f("dn_recurrence"));
-        b.arg(&mixed).arg(beta).arg(a).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
+        b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
         b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
         unsafe { b.launch(cfg) }.what("launching dn_recurrence")?;
 
@@ -707,7 +680,7 @@ impl Gpu {
         let cfg =
             LaunchConfig { grid_dim: (tokens as u32, vh as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(self.f("dn_gated_norm"));
-        b.arg(&mut *out).arg(z).arg(norm).arg(&vh_i).arg(&dv_i).arg(&eps);
+        b.arg(&mut *out).arg(&z).arg(&pw_i).arg(norm).arg(&vh_i).arg(&dv_i).arg(&eps);
         unsafe { b.launch(cfg) }.what("launching dn_gated_norm")?;
         Ok(())
     }

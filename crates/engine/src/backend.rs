@@ -20,17 +20,6 @@ pub struct DeltaNetParams<'a, B: Backend + ?Sized> {
     pub norm: &'a B::Tensor,
 }
 
-/// The projected inputs of a DeltaNet layer for `tokens` tokens.
-pub struct DeltaNetInputs<'a, B: Backend + ?Sized> {
-    /// `[tokens, conv_width]`: q, k, v channels before the convolution.
-    pub qkv: &'a B::Tensor,
-    /// `[tokens, value_width]`: output gate.
-    pub z: &'a B::Tensor,
-    /// `[tokens, v_heads]` each: pre-sigmoid beta and pre-softplus decay input.
-    pub b: &'a B::Tensor,
-    pub a: &'a B::Tensor,
-}
-
 /// Recurrent state of a DeltaNet layer: the last `kernel - 1` convolution inputs and the
 /// `[v_heads, k_dim, v_dim]` delta-rule state.
 pub struct DeltaNetState<B: Backend + ?Sized> {
@@ -190,8 +179,6 @@ pub trait Backend: Send + Sync {
         self.add(x, delta, rows * width);
         self.rms_norm(x, w, offset, eps, rows, out);
     }
-    /// `out[t][j] = x[t][cols[j]]` for rows of `width`: reorders fused projections.
-    fn select_columns(&self, x: &Self::Tensor, width: usize, cols: &[u32], tokens: usize, out: &mut Self::Tensor);
 
     /// Full attention of `tokens` new tokens at positions `past..past + tokens`: q/k norm, RoPE,
     /// append to the cache, causal GQA softmax attention, optional sigmoid output gate.
@@ -212,12 +199,15 @@ pub trait Backend: Send + Sync {
     );
 
     /// GatedDeltaNet over `tokens` tokens: causal conv + SiLU, L2-normed q/k, gated delta rule
-    /// carrying `state`, gated RMSNorm. `out` is `[tokens, value_width]`.
+    /// carrying `state`, gated RMSNorm. `proj` is the input projection, `[tokens, proj_width]`:
+    /// per row the q, k, v channels before the convolution (`conv_width`), the output gate z
+    /// (`value_width`), then the pre-sigmoid beta and the pre-softplus decay input (`v_heads`
+    /// each). `out` is `[tokens, value_width]`.
     fn delta_net(
         &self,
         shape: &DeltaNetShape,
         params: &DeltaNetParams<'_, Self>,
-        inputs: &DeltaNetInputs<'_, Self>,
+        proj: &Self::Tensor,
         state: &mut DeltaNetState<Self>,
         tokens: usize,
         out: &mut Self::Tensor,

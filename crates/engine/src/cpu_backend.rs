@@ -73,15 +73,6 @@ impl Backend for CpuBackend {
         acc[..len].iter_mut().zip(&x[..len]).for_each(|(a, b)| *a += b);
     }
 
-    fn select_columns(&self, x: &Vec<f32>, width: usize, cols: &[u32], tokens: usize, out: &mut Vec<f32>) {
-        for t in 0..tokens {
-            let src = &x[t * width..(t + 1) * width];
-            for (o, &c) in out[t * cols.len()..(t + 1) * cols.len()].iter_mut().zip(cols) {
-                *o = src[c as usize];
-            }
-        }
-    }
-
     fn attention(
         &self,
         s: &AttentionShape,
@@ -128,17 +119,18 @@ impl Backend for CpuBackend {
         &self,
         s: &DeltaNetShape,
         p: &DeltaNetParams<'_, Self>,
-        x: &DeltaNetInputs<'_, Self>,
+        proj: &Vec<f32>,
         state: &mut DeltaNetState<Self>,
         tokens: usize,
         out: &mut Vec<f32>,
     ) {
         let (cw, kw, vw, kk) = (s.conv_width(), s.key_width(), s.value_width(), s.conv_kernel);
+        let (pw, nv) = (s.proj_width(), s.v_heads);
         // Convolution over time, channel by channel; history is `[kernel - 1, channels]`.
         let mut mixed = vec![0.0; tokens * cw];
         let hist = &mut state.conv;
         for t in 0..tokens {
-            ops::conv_step(hist, &x.qkv[t * cw..(t + 1) * cw], p.conv, kk, &mut mixed[t * cw..(t + 1) * cw]);
+            ops::conv_step(hist, &proj[t * pw..t * pw + cw], p.conv, kk, &mut mixed[t * cw..(t + 1) * cw]);
         }
         // Normalise q and k once per token and key head.
         let scale = 1.0 / (s.k_dim as f32).sqrt();
@@ -162,11 +154,12 @@ impl Backend for CpuBackend {
                     let q = &row[kh * s.k_dim..(kh + 1) * s.k_dim];
                     let k = &row[kw + kh * s.k_dim..kw + (kh + 1) * s.k_dim];
                     let v = &row[2 * kw + h * s.v_dim..2 * kw + (h + 1) * s.v_dim];
-                    let beta = ops::sigmoid(x.b[t * s.v_heads + h]);
-                    let g = -p.a_log[h].exp() * ops::softplus(x.a[t * s.v_heads + h] + p.dt_bias[h]);
+                    let (z, ba) = proj[t * pw + cw..(t + 1) * pw].split_at(vw);
+                    let beta = ops::sigmoid(ba[h]);
+                    let g = -p.a_log[h].exp() * ops::softplus(ba[nv + h] + p.dt_bias[h]);
                     let oh = &mut o[t * s.v_dim..(t + 1) * s.v_dim];
                     ops::delta_step(ssm, q, k, v, beta, g, oh);
-                    ops::gated_rms_norm(oh, &x.z[t * vw + h * s.v_dim..t * vw + (h + 1) * s.v_dim], p.norm, s.eps);
+                    ops::gated_rms_norm(oh, &z[h * s.v_dim..(h + 1) * s.v_dim], p.norm, s.eps);
                 }
             },
         );

@@ -488,13 +488,6 @@ impl Backend for CudaBackend {
         ok(self.gpu.add(acc, x, len), "add")
     }
 
-    fn select_columns(&self, x: &CudaSlice<f32>, width: usize, cols: &[u32], tokens: usize, out: &mut CudaSlice<f32>) {
-        if self.spoil_recording() {
-            return;
-        }
-        ok(self.gpu.select_columns(x, width, cols, tokens, out), "select_columns")
-    }
-
     fn attention(
         &self,
         s: &AttentionShape,
@@ -528,7 +521,7 @@ impl Backend for CudaBackend {
         &self,
         s: &DeltaNetShape,
         params: &DeltaNetParams<'_, Self>,
-        inputs: &DeltaNetInputs<'_, Self>,
+        proj: &CudaSlice<f32>,
         state: &mut DeltaNetState<Self>,
         tokens: usize,
         out: &mut CudaSlice<f32>,
@@ -539,10 +532,7 @@ impl Backend for CudaBackend {
             params.a_log,
             params.dt_bias,
             params.norm,
-            inputs.qkv,
-            inputs.z,
-            inputs.b,
-            inputs.a,
+            proj,
             &mut state.conv,
             &mut state.ssm,
             tokens,

@@ -4,7 +4,7 @@
 
 use crate::backend::*;
 use anyhow::{Context, Result, bail};
-use moe_core::{Family, LayerKind, ModelConfig, ops};
+use moe_core::{Family, LayerKind, Matrix, ModelConfig, ops};
 use moe_store::{Expert, ExpertSource, ModelFiles, TensorSource};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -86,20 +86,14 @@ enum Mixer<B: Backend> {
 }
 
 struct DeltaNetLayer<B: Backend> {
-    input: DeltaNetProjection<B>,
+    /// All input projections as one matrix, so that they run as one product: output columns
+    /// `q | k | v | z | b | a` (see [`Backend::delta_net`]).
+    in_proj: B::Weight,
     conv: B::Tensor,
     a_log: B::Tensor,
     dt_bias: B::Tensor,
     norm: B::Tensor,
     out: B::Weight,
-}
-
-enum DeltaNetProjection<B: Backend> {
-    /// Qwen3.5: `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`.
-    Separate { qkv: B::Weight, z: B::Weight, b: B::Weight, a: B::Weight },
-    /// Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, grouped per key head; `order_*` put the
-    /// outputs back into `q | k | v | z` and `b | a` order.
-    Fused { qkvz: B::Weight, ba: B::Weight, order_qkvz: Vec<u32>, order_ba: Vec<u32> },
 }
 
 struct SharedExpert<B: Backend> {
@@ -208,24 +202,19 @@ impl<B: Backend> Model<B> {
                 LayerKind::DeltaNet => {
                     let a = format!("{p}linear_attn.");
                     let (cw, vw, nv) = (delta.conv_width(), delta.value_width(), delta.v_heads);
-                    let input = if t.contains(&format!("{a}in_proj_qkvz.weight")) {
-                        let (order_qkvz, order_ba) = fused_orders(&delta);
-                        DeltaNetProjection::Fused {
-                            qkvz: weight(&format!("{a}in_proj_qkvz.weight"), cw + vw, h)?,
-                            ba: weight(&format!("{a}in_proj_ba.weight"), 2 * nv, h)?,
-                            order_qkvz,
-                            order_ba,
-                        }
+                    let matrix = |name: &str, rows| t.matrix(&format!("{a}{name}.weight"), rows, h);
+                    let in_proj = if t.contains(&format!("{a}in_proj_qkvz.weight")) {
+                        // Qwen3-Next groups its outputs per key head.
+                        let (qkvz, ba) = fused_orders(&delta);
+                        let qkvz = matrix("in_proj_qkvz", cw + vw)?.select_rows(&qkvz);
+                        Matrix::concat_rows(&[&qkvz, &matrix("in_proj_ba", 2 * nv)?.select_rows(&ba)])
                     } else {
-                        DeltaNetProjection::Separate {
-                            qkv: weight(&format!("{a}in_proj_qkv.weight"), cw, h)?,
-                            z: weight(&format!("{a}in_proj_z.weight"), vw, h)?,
-                            b: weight(&format!("{a}in_proj_b.weight"), nv, h)?,
-                            a: weight(&format!("{a}in_proj_a.weight"), nv, h)?,
-                        }
-                    };
+                        let (qkv, z) = (matrix("in_proj_qkv", cw)?, matrix("in_proj_z", vw)?);
+                        Matrix::concat_rows(&[&qkv, &z, &matrix("in_proj_b", nv)?, &matrix("in_proj_a", nv)?])
+                    }
+                    .with_context(|| format!("layer {i}: joining the DeltaNet input projections"))?;
                     Mixer::DeltaNet(DeltaNetLayer {
-                        input,
+                        in_proj: backend.weight(&in_proj)?,
                         conv: values(&format!("{a}conv1d.weight"), &[cw, 1, delta.conv_kernel])?,
                         a_log: values(&format!("{a}A_log"), &[nv])?,
                         dt_bias: values(&format!("{a}dt_bias"), &[nv])?,
@@ -473,30 +462,11 @@ impl<B: Backend> Model<B> {
         out: &mut B::Tensor,
     ) {
         let (b, s) = (&self.backend, &self.delta);
-        let (cw, vw, nv) = (s.conv_width(), s.value_width(), s.v_heads);
-        let (mut qkv, mut z, mut beta, mut a) =
-            (b.scratch(n * cw), b.scratch(n * vw), b.scratch(n * nv), b.scratch(n * nv));
-        match &d.input {
-            DeltaNetProjection::Separate { qkv: wqkv, z: wz, b: wb, a: wa } => {
-                b.matmul(wqkv, x, n, &mut qkv);
-                b.matmul(wz, x, n, &mut z);
-                b.matmul(wb, x, n, &mut beta);
-                b.matmul(wa, x, n, &mut a);
-            }
-            DeltaNetProjection::Fused { qkvz, ba, order_qkvz, order_ba } => {
-                let (mut fused, mut ordered) = (b.scratch(n * (cw + vw)), b.scratch(n * (cw + vw)));
-                b.matmul(qkvz, x, n, &mut fused);
-                b.select_columns(&fused, cw + vw, &order_qkvz[..cw], n, &mut qkv);
-                b.select_columns(&fused, cw + vw, &order_qkvz[cw..], n, &mut z);
-                b.matmul(ba, x, n, &mut ordered);
-                b.select_columns(&ordered, 2 * nv, &order_ba[..nv], n, &mut beta);
-                b.select_columns(&ordered, 2 * nv, &order_ba[nv..], n, &mut a);
-            }
-        }
+        let mut proj = b.scratch(n * s.proj_width());
+        b.matmul(&d.in_proj, x, n, &mut proj);
         let params = DeltaNetParams { conv: &d.conv, a_log: &d.a_log, dt_bias: &d.dt_bias, norm: &d.norm };
-        let inputs = DeltaNetInputs { qkv: &qkv, z: &z, b: &beta, a: &a };
-        let mut o = b.scratch(n * vw);
-        b.delta_net(s, &params, &inputs, state, n, &mut o);
+        let mut o = b.scratch(n * s.value_width());
+        b.delta_net(s, &params, &proj, state, n, &mut o);
         b.matmul(&d.out, &o, n, out);
     }
 
@@ -595,8 +565,9 @@ impl Profile {
     }
 }
 
-/// Column orders that turn Qwen3-Next's per-key-head groups `[q_g | k_g | v_g | z_g]` and
-/// `[b_g | a_g]` into `q | k | v | z` and `b | a`.
+/// Row orders of `in_proj_qkvz` and `in_proj_ba` (row `i` of the result is row `order[i]`) that
+/// turn Qwen3-Next's per-key-head groups `[q_g | k_g | v_g | z_g]` and `[b_g | a_g]` into
+/// `q | k | v | z` and `b | a`.
 fn fused_orders(s: &DeltaNetShape) -> (Vec<u32>, Vec<u32>) {
     let r = s.v_heads / s.k_heads;
     let (dk, rv) = (s.k_dim, r * s.v_dim);
