@@ -17,6 +17,9 @@ use std::sync::Mutex;
 /// memory they are copied from.
 pub struct StepInputs {
     host: Mutex<PinnedHostSlice<u32>>,
+    /// The host side's address, taken once: reading it from the slice waits on an event, which a
+    /// recording does not allow.
+    host_addr: usize,
     device: CudaSlice<u32>,
 }
 
@@ -42,9 +45,10 @@ unsafe impl Send for StepGraph {}
 impl Gpu {
     pub fn step_inputs(&self) -> Result<StepInputs> {
         // SAFETY: u32 accepts any bits; the host side is written before every copy.
-        let host = unsafe { self.ctx.alloc_pinned::<u32>(2) }.what("allocating pinned memory")?;
+        let mut host = unsafe { self.ctx.alloc_pinned::<u32>(2) }.what("allocating pinned memory")?;
+        let host_addr = host.as_mut_ptr().what("reading pinned memory")? as usize;
         let device = self.stream.alloc_zeros::<u32>(2).what("allocating")?;
-        Ok(StepInputs { host: Mutex::new(host), device })
+        Ok(StepInputs { host: Mutex::new(host), host_addr, device })
     }
 
     /// Writes the token and position that the next [`queue_step_inputs`](Self::queue_step_inputs)
@@ -59,14 +63,13 @@ impl Gpu {
 
     /// Queues the copy of the step's inputs from host to device memory (a node of a recording).
     pub fn queue_step_inputs(&self, s: &StepInputs) -> Result<()> {
-        let host = s.host.lock().unwrap();
         let (dst, _sync) = s.device.device_ptr(&self.stream);
         // SAFETY: both buffers hold two u32 and outlive the copy (and any graph recording it:
         // they belong to the backend that owns the graphs); the pinned memory is read when the
         // copy runs, so a replay sees the values written just before it. A raw copy, because
         // cudarc's pinned-memory copy waits on the buffer's event, which a recording cannot do.
         unsafe {
-            let src = std::slice::from_raw_parts(host.as_ptr().what("reading pinned memory")?, host.len());
+            let src = std::slice::from_raw_parts(s.host_addr as *const u32, 2);
             cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream())
         }
         .what("copying the step inputs")
