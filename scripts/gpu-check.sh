@@ -14,6 +14,10 @@
 #                                    # only the named benchmarks (default: all, "k 1 1e 2 3 4";
 #                                    # k is kernel_bench, 1e is run 1 without CUDA graphs; p,
 #                                    # not in the default, profiles run 1's kernels with ncu)
+#   GPU_CHECK_BASELINE=.carry/base scripts/gpu-check.sh --bench L
+#                                    # also runs k and 1 with the flash-moe and kernel_bench in
+#                                    # that directory (built from another commit): before/after
+#                                    # on the same machine
 #
 # The run step builds nothing. It requires a GPU (FLASH_MOE_REQUIRE_CUDA=1 turns the tests'
 # "SKIPPED ... no CUDA device" into failures), uses a fresh PTX cache (so the first test binary
@@ -105,7 +109,10 @@ bench() {
     }
     uname -a >>"$blog"
     chmod +x "$root/.carry/bin/kernel_bench" 2>/dev/null || true
+    local base="${GPU_CHECK_BASELINE:+$root/${GPU_CHECK_BASELINE#$root/}}"
+    [[ -n "$base" ]] && chmod +x "$base"/* 2>/dev/null
     wanted k && step 120 "$root/.carry/bin/kernel_bench"
+    wanted k && [[ -n "$base" ]] && step 120 "$base/kernel_bench"
     free -g | tee -a "$blog"
     df -h "$dir" | tee -a "$blog"
     step 150 "$bin" synth --shape qwen3.5-397b --layers "$layers" --experts q4 --dense q8 --out "$model" --force
@@ -118,6 +125,7 @@ bench() {
         nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$blog"
     fi
     wanted 1e && step 150 "$bin" bench "${common[@]}" "${resident[@]}" --no-graphs
+    wanted 1 && [[ -n "$base" ]] && step 150 "$base/flash-moe" bench "${common[@]}" "${resident[@]}"
     # p. Every kernel of run 1 (one-token prompt, three decoded tokens, no graphs) under Nsight
     #    Compute: time, DRAM and SM throughput per kernel name, summed over the four steps.
     if wanted p; then

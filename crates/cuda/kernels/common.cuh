@@ -87,6 +87,27 @@ __device__ __forceinline__ float byte_to_f32(u32 word, int byte) {
     return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + byte)) - 8388608.0f;
 }
 
+// The codes of an affine chunk as exact floats, lowest first: codes of `bits` bits; masking the
+// word at shift `sh` leaves in byte `j` the code number `j * per_byte + sh / bits`, which
+// `byte_to_f32` turns into a float.
+template <int F>
+__device__ __forceinline__ void decode_codes(uint4 raw, float* q) {
+    const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
+    const int bits = Fmt<F>::BITS;
+    const int per_byte = 8 / bits;
+    const int per_word = 32 / bits;
+    const u32 mask = bits == 8 ? 0xffffffffu : (bits == 4 ? 0x0f0f0f0fu : 0x03030303u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+#pragma unroll
+        for (int sh = 0; sh < 8; sh += bits) {
+            const u32 m = (words[i] >> sh) & mask;
+#pragma unroll
+            for (int j = 0; j < 4; j++) q[i * per_word + j * per_byte + sh / bits] = byte_to_f32(m, j);
+        }
+    }
+}
+
 template <int F>
 __device__ __forceinline__ void decode_chunk(uint4 raw, float s, float b, float* w) {
     const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -106,22 +127,9 @@ __device__ __forceinline__ void decode_chunk(uint4 raw, float s, float b, float*
             w[2 * i + 1] = f16_to_f32((u16)(words[i] >> 16));
         }
     } else {
-        // Codes of `bits` bits, lowest first. Masking the word at shift `sh` leaves in byte `j`
-        // the code number `j * per_byte + sh / bits`, which `byte_to_f32` turns into a float.
-        const int bits = Fmt<F>::BITS;
-        const int per_byte = 8 / bits;
-        const int per_word = 32 / bits;
-        const u32 mask = bits == 8 ? 0xffffffffu : (bits == 4 ? 0x0f0f0f0fu : 0x03030303u);
+        decode_codes<F>(raw, w);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-#pragma unroll
-            for (int sh = 0; sh < 8; sh += bits) {
-                const u32 m = (words[i] >> sh) & mask;
-#pragma unroll
-                for (int j = 0; j < 4; j++)
-                    w[i * per_word + j * per_byte + sh / bits] = fmaf(s, byte_to_f32(m, j), b);
-            }
-        }
+        for (int i = 0; i < Chunk<F>::E; i++) w[i] = fmaf(s, w[i], b);
     }
 }
 
@@ -177,11 +185,13 @@ __device__ __forceinline__ void chunk_dot(uint4 raw, const u16* __restrict__ sc,
 #define DEC_ROWS 4
 #define DEC_THREADS 128
 
-// The E inputs of chunk `c` into registers.
+// The E inputs of chunk `c` into registers; returns their sum for affine formats (which
+// `dot_chunk` takes), computed once for all the rows a thread multiplies them with.
 template <int F>
-__device__ __forceinline__ void load_x(const float* __restrict__ x, int c, float* xr) {
+__device__ __forceinline__ float load_x(const float* __restrict__ x, int c, float* xr) {
     const int E = Chunk<F>::E;
     const float4* xv = (const float4*)(x + (u64)c * E);
+    float sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < E / 4; i++) {
         const float4 v = __ldg(xv + i);
@@ -189,7 +199,9 @@ __device__ __forceinline__ void load_x(const float* __restrict__ x, int c, float
         xr[4 * i + 1] = v.y;
         xr[4 * i + 2] = v.z;
         xr[4 * i + 3] = v.w;
+        if (Fmt<F>::AFFINE) sum += (v.x + v.y) + (v.z + v.w);
     }
+    return sum;
 }
 
 // The group scale and bias of chunk `c` of a row (`sc`/`bi` point at the row's groups), still in
@@ -202,16 +214,20 @@ __device__ __forceinline__ uint2 load_sb(const u16* __restrict__ sc, const u16* 
     return make_uint2(__ldg(sc + g), __ldg(bi + g));
 }
 
-// dot(a chunk of a row, xr), with its scale and bias from `load_sb`.
+// dot(a chunk of a row, xr), with its scale and bias from `load_sb` and `xsum` the sum of xr.
+// Affine formats as s * dot(codes, xr) + b * xsum: one multiply-add per element instead of two
+// (the decode kernels issue about as many instructions as device memory delivers bytes).
 template <int F>
-__device__ __forceinline__ float dot_chunk(uint4 raw, uint2 sb, const float* xr) {
+__device__ __forceinline__ float dot_chunk(uint4 raw, uint2 sb, const float* xr, float xsum) {
     const int E = Chunk<F>::E;
     float w[E];
-    decode_chunk<F>(raw, bf16_to_f32(sb.x), bf16_to_f32(sb.y), w);
+    if constexpr (Fmt<F>::AFFINE) decode_codes<F>(raw, w);
+    else decode_chunk<F>(raw, 0.0f, 0.0f, w);
     float a = 0.0f;
 #pragma unroll
     for (int i = 0; i < E; i++) a = fmaf(w[i], xr[i], a);
-    return a;
+    if constexpr (Fmt<F>::AFFINE) return fmaf(bf16_to_f32(sb.x), a, bf16_to_f32(sb.y) * xsum);
+    else return a;
 }
 
 // Sums v[0..n) over the block (DEC_THREADS threads); thread i < n gets sum i. `red` holds

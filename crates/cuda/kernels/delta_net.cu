@@ -58,57 +58,90 @@ extern "C" __global__ void dn_qk_norm(float* __restrict__ mixed, int channels, i
     }
 }
 
-// Grid (v_heads, ceil(v_dim / 32)), 32 threads: each thread owns one value column of the head's
-// [k_dim, v_dim] state, kept in shared memory while the block walks the tokens.
-extern "C" __global__ void __launch_bounds__(32)
+// The k_dim rows of a head's state are split over DN_SLICES warps, DN_ROWS rows at most each
+// (DN_MAX_K_DIM in device.rs is their product).
+#define DN_SLICES 8
+#define DN_ROWS 40
+
+// Grid (v_heads, ceil(v_dim / 32)), DN_SLICES warps: lane l of warp w owns value column
+// blockIdx.y * 32 + l of the head's [k_dim, v_dim] state, rows w, w + DN_SLICES, ..., kept in
+// registers while the block walks the tokens; the two sums over k_dim per token are completed
+// across the warps in shared memory. (One warp per column block, walking all k_dim rows itself,
+// left too few warps per SM to hide the latency of its loads and serial sums.)
+extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     dn_recurrence(const float* __restrict__ mixed, const float* __restrict__ beta_in, const float* __restrict__ a_in,
                   int stride, const float* __restrict__ a_log, const float* __restrict__ dt_bias,
                   float* __restrict__ ssm, float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim,
                   int v_dim, int tokens) {
     extern __shared__ float smem[];
-    float* S = smem;                   // [k_dim][32]
-    float* qs = smem + k_dim * 32;     // k_dim
-    float* ks = qs + k_dim;            // k_dim
+    float* qs = smem;         // k_dim
+    float* ks = smem + k_dim;  // k_dim
+    __shared__ float part[2][DN_SLICES][32];
     const int h = blockIdx.x;
-    const int lane = threadIdx.x;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int j = blockIdx.y * 32 + lane;
     const bool valid = j < v_dim;
     const int kh = h / (v_heads / k_heads);
     const int kw = k_heads * k_dim;
     const u64 vw = (u64)v_heads * v_dim;
     float* state = ssm + (u64)h * k_dim * v_dim;
-    for (int i = 0; i < k_dim; i++) S[i * 32 + lane] = valid ? state[(u64)i * v_dim + j] : 0.0f;
+    float S[DN_ROWS];
+#pragma unroll
+    for (int r = 0; r < DN_ROWS; r++) {
+        const int i = r * DN_SLICES + w;
+        S[r] = valid && i < k_dim ? state[(u64)i * v_dim + j] : 0.0f;
+    }
     const float neg_a = -expf(a_log[h]);
     const float bias = dt_bias[h];
     for (int t = 0; t < tokens; t++) {
         const float* row = mixed + (u64)t * channels;
-        __syncwarp();
-        for (int i = lane; i < k_dim; i += 32) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < k_dim; i += blockDim.x) {
             qs[i] = row[kh * k_dim + i];
             ks[i] = row[kw + kh * k_dim + i];
         }
-        __syncwarp();
+        __syncthreads();
         const float beta = sigmoidf_(beta_in[(u64)t * stride + h]);
-        const float g = neg_a * softplusf_(a_in[(u64)t * stride + h] + bias);
-        const float decay = expf(g);
+        const float decay = expf(neg_a * softplusf_(a_in[(u64)t * stride + h] + bias));
         const float v = valid ? row[2 * kw + (u64)h * v_dim + j] : 0.0f;
         float kv = 0.0f;
-        for (int i = 0; i < k_dim; i++) {
-            const float s = S[i * 32 + lane] * decay;
-            S[i * 32 + lane] = s;
-            kv = fmaf(ks[i], s, kv);
+#pragma unroll
+        for (int r = 0; r < DN_ROWS; r++) {
+            const int i = r * DN_SLICES + w;
+            if (i < k_dim) {
+                S[r] *= decay;
+                kv = fmaf(ks[i], S[r], kv);
+            }
         }
+        part[0][w][lane] = kv;
+        __syncthreads();
+        kv = 0.0f;
+#pragma unroll
+        for (int s = 0; s < DN_SLICES; s++) kv += part[0][s][lane];
         const float delta = (v - kv) * beta;
         float o = 0.0f;
-        for (int i = 0; i < k_dim; i++) {
-            const float s = fmaf(ks[i], delta, S[i * 32 + lane]);
-            S[i * 32 + lane] = s;
-            o = fmaf(qs[i], s, o);
+#pragma unroll
+        for (int r = 0; r < DN_ROWS; r++) {
+            const int i = r * DN_SLICES + w;
+            if (i < k_dim) {
+                S[r] = fmaf(ks[i], delta, S[r]);
+                o = fmaf(qs[i], S[r], o);
+            }
         }
-        if (valid) out[(u64)t * vw + (u64)h * v_dim + j] = o;
+        part[1][w][lane] = o;
+        __syncthreads();
+        if (w == 0 && valid) {
+            o = 0.0f;
+#pragma unroll
+            for (int s = 0; s < DN_SLICES; s++) o += part[1][s][lane];
+            out[(u64)t * vw + (u64)h * v_dim + j] = o;
+        }
     }
-    if (valid)
-        for (int i = 0; i < k_dim; i++) state[(u64)i * v_dim + j] = S[i * 32 + lane];
+#pragma unroll
+    for (int r = 0; r < DN_ROWS; r++) {
+        const int i = r * DN_SLICES + w;
+        if (valid && i < k_dim) state[(u64)i * v_dim + j] = S[r];
+    }
 }
 
 // Grid (tokens, v_heads): o = rmsnorm(o) * w * silu(z), in place.

@@ -82,10 +82,10 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
                 const int c = c0 + u * DEC_THREADS;
                 if (c < chunks) {
                     float xr[Chunk<F>::E];
-                    load_x<F>(x, c, xr);
+                    const float xsum = load_x<F>(x, c, xr);
 #pragma unroll
                     for (int i = 0; i < DEC_ROWS; i++)
-                        if (i < nr) acc[i] += dot_chunk<F>(raw[u][i], sb[u][i], xr);
+                        if (i < nr) acc[i] += dot_chunk<F>(raw[u][i], sb[u][i], xr, xsum);
                 }
             }
         }

@@ -128,12 +128,12 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
             }
         }
         float xr[Chunk<F>::E];
-        load_x<F>(x, c, xr);
+        const float xsum = load_x<F>(x, c, xr);
 #pragma unroll
         for (int i = 0; i < DEC_ROWS; i++) {
             if (i < nr) {
-                acc[i] += dot_chunk<F>(raw[i], sb[i], xr);
-                acc[DEC_ROWS + i] += dot_chunk<F>(raw[DEC_ROWS + i], sb[DEC_ROWS + i], xr);
+                acc[i] += dot_chunk<F>(raw[i], sb[i], xr, xsum);
+                acc[DEC_ROWS + i] += dot_chunk<F>(raw[DEC_ROWS + i], sb[DEC_ROWS + i], xr, xsum);
             }
         }
     }
@@ -193,10 +193,10 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
             if (it < items) {
                 const int k = it / chunks, c = it - k * chunks;
                 float xr[Chunk<F>::E];
-                load_x<F>(h + (u64)k * inter, c, xr);
+                const float xsum = load_x<F>(h + (u64)k * inter, c, xr);
 #pragma unroll
                 for (int i = 0; i < DEC_ROWS; i++)
-                    if (i < nr) acc[i] = fmaf(w[k], dot_chunk<F>(raw[u][i], sb[u][i], xr), acc[i]);
+                    if (i < nr) acc[i] = fmaf(w[k], dot_chunk<F>(raw[u][i], sb[u][i], xr, xsum), acc[i]);
             }
         }
     }

@@ -76,7 +76,9 @@ const TILE: u32 = 64;
 const ATTN_MAX_HEAD_DIM: usize = 512;
 const ATTN_THREADS: u32 = 128;
 const DN_MAX_KERNEL: usize = 8;
-const DN_MAX_K_DIM: usize = 320;
+/// The DeltaNet recurrence's warps per block, and the rows of the state each covers at most.
+const DN_SLICES: u32 = 8;
+const DN_MAX_K_DIM: usize = DN_SLICES as usize * 40;
 
 /// A weight matrix in device memory, in its stored format: codes (or elements), then the bf16
 /// scales and biases of affine formats, each at a [`PART_ALIGN`]-aligned offset of one buffer.
@@ -667,8 +669,8 @@ impl Gpu {
 
         let cfg = LaunchConfig {
             grid_dim: (vh as u32, dv.div_ceil(32) as u32, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: ((dk * 32 + 2 * dk) * 4) as u32,
+            block_dim: (32 * DN_SLICES, 1, 1),
+            shared_mem_bytes: (2 * dk * 4) as u32,
         };
         let mut b = self.stream.launch_builder(self.f("dn_recurrence"));
         b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
