@@ -824,13 +824,13 @@ pub fn host_parts(e: &[&Matrix; 3]) -> Option<[u64; 9]> {
     [parts[0], parts[3], parts[6]].iter().all(|p| p.is_multiple_of(16)).then_some(parts)
 }
 
-/// The address of an expert's gate codes, and the addresses of its parts relative to it (what
-/// [`MoeExperts::Table`] needs: a table holds the first, every expert of a layer shares the second).
-pub fn expert_offsets(gpu: &Gpu, e: &[&DeviceMatrix; 3]) -> (u64, [u64; 9]) {
-    let p = expert_parts(gpu, e);
-    let base = p[0];
+/// The address of an expert's gate codes, and the addresses of its nine `parts` relative to it
+/// (what [`MoeExperts::Table`] needs: a table holds the first, every expert of a layer shares the
+/// second).
+pub fn part_offsets(parts: [u64; 9]) -> (u64, [u64; 9]) {
+    let base = parts[0];
     // Absent parts (float formats) are never read: offset 0, the same for every expert.
-    (base, p.map(|v| if v == 0 { 0 } else { v.wrapping_sub(base) }))
+    (base, parts.map(|v| if v == 0 { 0 } else { v.wrapping_sub(base) }))
 }
 
 impl Gpu {

@@ -410,8 +410,9 @@ impl ExpertTier {
     /// The part addresses of an expert that the kernels can read straight from page-locked host
     /// memory, over the bus, instead of uploading it: only for a tier that keeps nothing (budget
     /// 0; the expert would be uploaded, used once and freed), and only if every part lies in the
-    /// pinned pool with its codes 16-byte aligned. Counts the expert's bytes as uploaded (they cross
-    /// the bus either way); the caller keeps the parts alive with [`hold_until_done`](Self::hold_until_done).
+    /// pinned pool with its codes 16-byte aligned. The caller counts each use with
+    /// [`count`](Self::count) (the bytes cross the bus either way) and keeps the parts alive, with
+    /// [`hold_until_done`](Self::hold_until_done) or for good.
     pub fn host_parts(&self, parts: [&Matrix; 3]) -> Option<[u64; 9]> {
         if self.stats().budget != Some(0) {
             return None;
@@ -420,9 +421,7 @@ impl ExpertTier {
         if !parts.iter().all(|m| pinned(&m.data) && pinned(&m.scales) && pinned(&m.biases)) {
             return None;
         }
-        let addresses = crate::host_parts(&parts)?;
-        self.state.lock().unwrap().bytes_uploaded += parts.iter().map(|m| m.byte_len() as u64).sum::<u64>();
-        Some(addresses)
+        crate::host_parts(&parts)
     }
 
     /// Keeps `parts` (host memory the kernels read) alive until the work queued on the compute
@@ -442,10 +441,14 @@ impl ExpertTier {
         Some(ExpertHandle { entry, compute: self.compute.clone() })
     }
 
-    /// Counts `n` hits of experts the device found resident by itself (routing on the device with
-    /// every expert resident).
-    pub fn count_hits(&self, n: u64) {
-        self.state.lock().unwrap().hits += n;
+    /// Counts uses the tier did not see: `hits` of experts the device found resident by itself
+    /// (routing on the device with every expert resident), and `misses` read from host memory in
+    /// place, `bytes` in all.
+    pub fn count(&self, hits: u64, misses: u64, bytes: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.hits += hits;
+        s.misses += misses;
+        s.bytes_uploaded += bytes;
     }
 
     /// A number that changes whenever what is resident may have changed.

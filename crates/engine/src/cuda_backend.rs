@@ -31,7 +31,7 @@ use crate::backend::*;
 use anyhow::Result;
 use moe_core::Matrix;
 use moe_cuda::{
-    CudaSlice, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS, expert_offsets, expert_parts,
+    CudaSlice, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS, expert_parts, part_offsets,
 };
 use moe_store::{Budget, Expert, ExpertSource};
 use std::collections::HashMap;
@@ -63,8 +63,9 @@ pub struct CudaStepGraph {
     graph: moe_cuda::StepGraph,
     /// The expert tier's generation and the scratch epoch it was recorded under.
     epoch: (u64, u64),
-    /// Expert hits of one step, counted on each replay.
-    hits: u64,
+    /// The expert tier's hits, misses and bytes read over the bus in one step, counted again on
+    /// each replay.
+    uses: [u64; 3],
 }
 
 /// The chosen experts of one token, on the device and (when the host needs them) copied back.
@@ -110,9 +111,18 @@ struct LayerTable {
     table: CudaSlice<u64>,
     off: [u64; 9],
     shape: MoeShape,
-    /// Keep the experts' memory until the table is dropped: their handles, when dropped, order
-    /// any later free after the kernels queued until then.
-    _handles: Vec<moe_cuda::ExpertHandle>,
+    /// Bytes one use reads over the bus: 0 for experts in GPU memory.
+    host_bytes: u64,
+    _held: HeldExperts,
+}
+
+/// Keeps a table's experts in memory until the table is dropped.
+enum HeldExperts {
+    /// In GPU memory: their handles, when dropped, order any later free after the kernels queued
+    /// until then.
+    Device { _handles: Vec<moe_cuda::ExpertHandle> },
+    /// In the store's page-locked memory, read by the kernels over the bus.
+    Host { _experts: Vec<Expert> },
 }
 
 impl CudaBackend {
@@ -205,7 +215,9 @@ impl CudaBackend {
     }
 
     /// Queues the experts of `layer` chosen on the device (`ids`, `weights`) through the layer's
-    /// address table, if every expert of the layer is resident. False if not.
+    /// address table, if every expert of the layer is resident: in GPU memory, or, with `host`,
+    /// in that store's page-locked RAM (read in place over the bus). False if not.
+    #[allow(clippy::too_many_arguments)]
     fn table_experts(
         &self,
         layer: usize,
@@ -213,6 +225,7 @@ impl CudaBackend {
         k: usize,
         r: &RouteBuffers,
         x: &CudaSlice<f32>,
+        host: Option<&dyn ExpertSource>,
         acc: &mut CudaSlice<f32>,
     ) -> Result<bool> {
         let generation = self.tier.generation();
@@ -225,31 +238,53 @@ impl CudaBackend {
             if self.recording() {
                 return Ok(false);
             }
-            let Some(handles) = (0..experts).map(|e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
-                return Ok(false);
-            };
-            let Ok(shape) = MoeShape::of_device(&handles[0].matrices()) else { return Ok(false) };
-            let layouts: Vec<(u64, [u64; 9])> =
-                handles.iter().map(|h| expert_offsets(&self.gpu, &h.matrices())).collect();
-            let off = layouts[0].1;
-            let same = handles
-                .iter()
-                .zip(&layouts)
-                .all(|(h, (_, o))| *o == off && MoeShape::of_device(&h.matrices()).is_ok_and(|s| s == shape));
-            if !same {
-                return Ok(false);
-            }
-            let addresses: Vec<u64> = layouts.iter().map(|(base, _)| *base).collect();
-            let table = self.gpu.upload_u64(&addresses)?;
-            slot.insert(LayerTable { table, shape, off, _handles: handles });
+            let Some(table) = self.layer_table(layer, experts, host)? else { return Ok(false) };
+            slot.insert(table);
         }
         let t = &tables.layers[&layer];
         self.with_hidden(k * t.shape.inter, |h| {
             let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
             self.gpu.moe_token(&t.shape, experts, x, &r.weights, false, h, acc)
         })?;
-        self.tier.count_hits(k as u64);
+        let k = k as u64;
+        match t.host_bytes {
+            0 => self.tier.count(k, 0, 0),
+            bytes => self.tier.count(0, k, k * bytes),
+        }
         Ok(true)
+    }
+
+    /// The address table of `layer`'s experts (see [`table_experts`](Self::table_experts)), if
+    /// they are all resident and share one shape and layout.
+    fn layer_table(&self, layer: usize, experts: usize, host: Option<&dyn ExpertSource>) -> Result<Option<LayerTable>> {
+        let ids: Vec<usize> = (0..experts).collect();
+        let (parts, shapes, held, host_bytes): (Vec<Option<[u64; 9]>>, Vec<_>, _, _) = match host {
+            None => {
+                let Some(handles) = ids.iter().map(|&e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
+                    return Ok(None);
+                };
+                let parts = handles.iter().map(|h| Some(expert_parts(&self.gpu, &h.matrices()))).collect();
+                let shapes = handles.iter().map(|h| MoeShape::of_device(&h.matrices()).ok()).collect();
+                (parts, shapes, HeldExperts::Device { _handles: handles }, 0)
+            }
+            Some(store) => {
+                let held = store.experts(layer, &ids)?;
+                let parts = held.iter().map(|x| self.tier.host_parts([&x.gate, &x.up, &x.down])).collect();
+                let shapes = held.iter().map(|x| MoeShape::of_host(&[&x.gate, &x.up, &x.down]).ok()).collect();
+                let bytes = held.first().map_or(0, |x| x.byte_len() as u64);
+                (parts, shapes, HeldExperts::Host { _experts: held }, bytes)
+            }
+        };
+        let (Some(Some(shape)), Some(Some(first))) = (shapes.first(), parts.first()) else { return Ok(None) };
+        let off = part_offsets(*first).1;
+        let same =
+            parts.iter().zip(&shapes).all(|(p, s)| *s == Some(*shape) && p.is_some_and(|p| part_offsets(p).1 == off));
+        if !same {
+            return Ok(None);
+        }
+        let addresses: Vec<u64> = parts.iter().flatten().map(|p| p[0]).collect();
+        let table = self.gpu.upload_u64(&addresses)?;
+        Ok(Some(LayerTable { table, off, shape: *shape, host_bytes, _held: held }))
     }
 }
 
@@ -303,12 +338,13 @@ impl Backend for CudaBackend {
         position: usize,
         body: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Option<CudaStepGraph>> {
-        let resident = self.tier.stats().resident_experts >= routing.layers * routing.experts;
-        if !(self.graphs.load(Ordering::Relaxed) && resident && self.routes_on_device(routing)) {
+        // Whether every expert is resident (so that the step never needs the host) shows while
+        // recording: a step that does need it is `NotRecordable`.
+        if !(self.graphs.load(Ordering::Relaxed) && self.routes_on_device(routing)) {
             return Ok(None);
         }
         self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
-        let hits = self.tier.stats().hits;
+        let before = self.tier.stats();
         self.spoiled.store(false, Ordering::Relaxed);
         self.recording.store(true, Ordering::Relaxed);
         let recorded = self.gpu.record(|| -> Result<()> {
@@ -321,7 +357,10 @@ impl Backend for CudaBackend {
             return if e.is::<NotRecordable>() { Ok(None) } else { Err(e) };
         }
         let Some(graph) = graph.filter(|_| !self.spoiled.load(Ordering::Relaxed)) else { return Ok(None) };
-        let g = CudaStepGraph { graph, epoch: self.graph_epoch(), hits: self.tier.stats().hits - hits };
+        let after = self.tier.stats();
+        let uses =
+            [after.hits - before.hits, after.misses - before.misses, after.bytes_uploaded - before.bytes_uploaded];
+        let g = CudaStepGraph { graph, epoch: self.graph_epoch(), uses };
         self.gpu.replay(&g.graph)?;
         Ok(Some(g))
     }
@@ -332,7 +371,8 @@ impl Backend for CudaBackend {
         }
         self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
         self.gpu.replay(&g.graph)?;
-        self.tier.count_hits(g.hits);
+        let [hits, misses, bytes] = g.uses;
+        self.tier.count(hits, misses, bytes);
         Ok(true)
     }
 
@@ -603,10 +643,18 @@ impl Backend for CudaBackend {
         let r = routes.as_mut().unwrap();
         self.gpu.route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
 
-        let complete = self.tier.stats().resident_experts >= routing.layers * experts;
-        if complete {
+        // Every expert resident: in GPU memory, or, without a VRAM tier, in the store's RAM.
+        let all = routing.layers * experts;
+        let resident = if self.tier.stats().resident_experts >= all {
+            Some(None)
+        } else if self.tier.stats().budget == Some(0) && store.stats().resident_experts as usize >= all {
+            Some(Some(store))
+        } else {
+            None
+        };
+        if let Some(host) = resident {
             shared(acc);
-            if self.table_experts(layer, experts, k, r, x, acc)? {
+            if self.table_experts(layer, experts, k, r, x, host, acc)? {
                 return Ok(Some(k));
             }
         }
@@ -618,7 +666,7 @@ impl Backend for CudaBackend {
         let ids: Vec<usize> = self.gpu.read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
         let missing: Vec<usize> = ids.iter().copied().filter(|&e| !self.tier.contains(layer, e)).collect();
         store.prefetch(layer, &missing);
-        if !complete {
+        if resident.is_none() {
             shared(acc);
         }
         let mut fetched: HashMap<usize, Expert> =
@@ -634,7 +682,10 @@ impl Backend for CudaBackend {
             let x = fetched.remove(&e).map_or_else(|| store.expert(layer, e), Ok)?;
             let parts = [&x.gate, &x.up, &x.down];
             match MoeShape::of_host(&parts).ok().and_then(|_| self.tier.host_parts(parts)) {
-                Some(addresses) => slots.push(Slot::Host(Box::new(x), addresses)),
+                Some(addresses) => {
+                    self.tier.count(0, 0, x.byte_len() as u64);
+                    slots.push(Slot::Host(Box::new(x), addresses))
+                }
                 None => slots.push(Slot::Device(self.tier.upload(layer, e, parts)?)),
             }
         }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Rng, gpu, pinned_matrix};
+use common::{Rng, gpu, pinned_expert, pinned_matrix};
 use moe_core::format::f32_to_bf16_bits;
 use moe_core::{Bytes, DType, Matrix, WeightFormat};
 use moe_engine::backend::*;
@@ -306,11 +306,18 @@ fn cuda_buffers_and_errors() {
 }
 
 /// Routed experts held in memory, as the model's expert store would give them.
-struct MemoryExperts(Vec<Vec<Expert>>);
+/// Experts held in memory; `in_ram` reports them all resident (as a store's warmed RAM tier
+/// does), and `fetches` counts the experts asked for.
+struct MemoryExperts(Vec<Vec<Expert>>, bool, std::sync::atomic::AtomicUsize);
 
 impl ExpertSource for MemoryExperts {
     fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError> {
+        self.2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(self.0[layer][expert].clone())
+    }
+    fn stats(&self) -> moe_store::StoreStats {
+        let all = self.0.iter().map(Vec::len).sum::<usize>() as u64;
+        moe_store::StoreStats { resident_experts: if self.1 { all } else { 0 }, ..Default::default() }
     }
     fn expert_bytes(&self) -> usize {
         self.0[0][0].byte_len()
@@ -323,8 +330,10 @@ impl ExpertSource for MemoryExperts {
 /// The decode path that routes on the device (top-k kernel, fused expert launches, shared expert),
 /// against the host routing and per-expert CPU computation, for every format: with budget 0 (ids
 /// copied back, every expert uploaded), with budget 0 and the experts in page-locked memory (read
-/// by the kernels over the bus, nothing uploaded), and with every expert resident (the
-/// address-table path); tied router logits go to the lower id as on the host.
+/// by the kernels over the bus, nothing uploaded), the same with every expert in the store's RAM
+/// (read through an address table of host memory, without asking the store again), and with every
+/// expert resident in GPU memory (the address-table path); tied router logits go to the lower id
+/// as on the host.
 #[test]
 fn cuda_routed_experts_on_device() {
     let cpu = CpuBackend;
@@ -343,10 +352,15 @@ fn cuda_routed_experts_on_device() {
                         .collect()
                 })
                 .collect(),
+            false,
+            Default::default(),
         );
-        for (budget, resident, in_pool) in
-            [(Budget::Bytes(0), false, false), (Budget::Bytes(0), false, true), (Budget::Auto, true, false)]
-        {
+        for (budget, resident, in_pool, in_ram) in [
+            (Budget::Bytes(0), false, false, false),
+            (Budget::Bytes(0), false, true, false),
+            (Budget::Bytes(0), false, true, true),
+            (Budget::Auto, true, false, false),
+        ] {
             let test = "cuda_routed_experts_on_device";
             let Some(g) = gpu(test, budget) else { return };
             let pool = g.gpu().pinned_pool();
@@ -357,7 +371,12 @@ fn cuda_routed_experts_on_device() {
             };
             let held;
             let store = if in_pool {
-                held = MemoryExperts(store.0.iter().map(|l| l.iter().map(pinned).collect()).collect());
+                let copy = |e: &Expert| if in_ram { pinned_expert(&pool, e) } else { pinned(e) };
+                held = MemoryExperts(
+                    store.0.iter().map(|l| l.iter().map(copy).collect()).collect(),
+                    in_ram,
+                    Default::default(),
+                );
                 &held
             } else {
                 &store
@@ -391,7 +410,15 @@ fn cuda_routed_experts_on_device() {
                     let calls = std::cell::Cell::new(0);
                     let shared = |_: &mut _| calls.set(calls.get() + 1);
                     let before = g.vram_stats();
+                    let fetched = store.2.load(std::sync::atomic::Ordering::Relaxed);
                     let used = g.routed_experts_on_device(layer, &routing, &gl, &gx, store, &shared, &mut acc).unwrap();
+                    if in_ram && trial == 2 {
+                        let again = store.2.load(std::sync::atomic::Ordering::Relaxed) - fetched;
+                        assert_eq!(
+                            again, 0,
+                            "experts in RAM: the layer's table is built once, the store not asked again"
+                        );
+                    }
                     assert_eq!((used, calls.get()), (Some(k), 1), "experts used, shared expert queued once");
                     let after = g.vram_stats();
                     let hits = after.hits - before.hits;

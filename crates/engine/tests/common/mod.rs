@@ -165,6 +165,25 @@ pub fn pinned(pool: &Arc<PinnedPool>, bytes: &Bytes) -> Bytes {
     Bytes::new(Arc::new(Pinned { pool: pool.clone(), ptr, len }), 0..bytes.len())
 }
 
+/// An expert copied into one pinned block, its nine parts at offsets that depend only on their
+/// sizes (as the store's reads lay them out), so that experts of one shape share a layout.
+pub fn pinned_expert(pool: &Arc<PinnedPool>, e: &moe_store::Expert) -> moe_store::Expert {
+    let mats = [&e.gate, &e.up, &e.down];
+    let parts: Vec<&Bytes> = mats.iter().flat_map(|m| [&m.data, &m.scales, &m.biases]).collect();
+    let mut at = Vec::new();
+    let mut block = Vec::new();
+    for p in &parts {
+        at.push(block.len());
+        block.extend_from_slice(p);
+        block.resize(block.len().next_multiple_of(256), 0);
+    }
+    let block = pinned(pool, &Bytes::from_vec(block));
+    let part = |i: usize| if parts[i].is_empty() { Bytes::empty() } else { block.slice(at[i]..at[i] + parts[i].len()) };
+    let matrix =
+        |j: usize| Matrix { data: part(3 * j), scales: part(3 * j + 1), biases: part(3 * j + 2), ..mats[j].clone() };
+    moe_store::Expert { gate: matrix(0), up: matrix(1), down: matrix(2) }
+}
+
 pub fn pinned_matrix(pool: &Arc<PinnedPool>, m: &Matrix) -> Matrix {
     Matrix {
         data: pinned(pool, &m.data),
