@@ -13,8 +13,9 @@
 //!
 //! Decoding routes on the device ([`Backend::routed_experts_on_device`]): the router's top-k runs
 //! in a kernel, and a layer's selected experts run in two fused launches. When every expert of the
-//! model is resident in GPU memory, the kernels find the experts through a per-layer table of
-//! device addresses and nothing is copied back to the host until the logits; otherwise the chosen
+//! model is resident in GPU memory (or, with budget 0, in the store's page-locked RAM), the kernels
+//! find the experts through a per-layer table of device (or host) addresses and nothing is copied
+//! back to the host until the logits; otherwise the chosen
 //! ids are copied back (one small wait per layer), the missing experts are fetched (and uploaded
 //! or read in place), and the shared expert is queued before the host waits for the store.
 //!
