@@ -112,6 +112,7 @@ fn main() {
                 &weights,
                 false,
                 &mut h.borrow_mut(),
+                None,
                 &mut out.borrow_mut(),
             )
             .unwrap()

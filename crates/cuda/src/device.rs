@@ -264,6 +264,33 @@ impl Gpu {
         Ok(Gpu { ctx, stream, functions, dummy, name, capability })
     }
 
+    /// The same device and kernels on a second stream, for work that can run beside this one's:
+    /// ordered against it with [`fork`](Self::fork) and [`join`](Self::join) (which a recorded
+    /// step keeps as the graph's branches).
+    pub fn side_stream(&self) -> Result<Gpu> {
+        let stream = self.ctx.new_stream().what("creating a stream")?;
+        let dummy = stream.alloc_zeros::<u8>(16).what("allocating")?;
+        Ok(Gpu {
+            ctx: self.ctx.clone(),
+            stream,
+            functions: self.functions.clone(),
+            dummy,
+            name: self.name.clone(),
+            capability: self.capability,
+        })
+    }
+
+    /// Makes the work queued on `side` from now on wait for what is queued here so far.
+    pub fn fork(&self, side: &Gpu) -> Result<()> {
+        let e = self.stream.record_event(None).what("recording an event")?;
+        side.stream.wait(&e).what("ordering a stream after another")
+    }
+
+    /// Makes the work queued here from now on wait for what is queued on `side` so far.
+    pub fn join(&self, side: &Gpu) -> Result<()> {
+        side.fork(self)
+    }
+
     /// The device's name and compute capability, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
     pub fn describe(&self) -> String {
         format!("{} (sm_{}{})", self.name, self.capability.0, self.capability.1)
@@ -868,7 +895,8 @@ impl Gpu {
 
     /// SwiGLU experts of one token in two launches: `out += sum_k w_k * down_k(silu(gate_k x) *
     /// up_k x)`, `w_k = weights[k]` (or its sigmoid when `sigmoid`: the gated shared expert).
-    /// `h` is scratch of `slots x inter` values.
+    /// `h` is scratch of `slots x inter` values. The down launch, which adds to `out`, first
+    /// [joins](Self::join) `join`: work there may add to `out` too (the shared expert).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_token(
         &self,
@@ -878,6 +906,7 @@ impl Gpu {
         weights: &CudaSlice<f32>,
         sigmoid: bool,
         h: &mut CudaSlice<f32>,
+        join: Option<&Gpu>,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let mut arg = MoeSlotsArg { part: [[0; 9]; MOE_MAX_SLOTS], off: [0; 9], table: 0, ids: 0 };
@@ -898,7 +927,7 @@ impl Gpu {
             }
         };
         if slots == 0 {
-            return Ok(());
+            return join.map_or(Ok(()), |side| self.join(side));
         }
         if slots > MOE_MAX_SLOTS {
             return Err(Error::Unsupported(format!("{slots} experts in one launch")));
@@ -917,6 +946,9 @@ impl Gpu {
         let mut b = self.stream.launch_builder(&self.functions[name.as_str()]);
         b.arg(&arg).arg(x).arg(&hidden_i).arg(&inter_i).arg(&mut *h);
         unsafe { b.launch(cfg) }.what("launching moe_gate_up")?;
+        if let Some(side) = join {
+            self.join(side)?;
+        }
         let name = format!("moe_down_{}", format_suffix(down));
         let cfg = LaunchConfig {
             grid_dim: ((hidden as u32).div_ceil(DEC_ROWS), 1, 1),

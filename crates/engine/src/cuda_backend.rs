@@ -44,10 +44,15 @@ pub use moe_cuda::ExpertHandle;
 
 pub struct CudaBackend {
     gpu: Gpu,
+    /// A second stream for the shared expert, beside the routed experts.
+    side: Gpu,
+    /// Operations are queued on `side` (while the shared expert is).
+    on_side: AtomicBool,
     tier: moe_cuda::ExpertTier,
     routes: Mutex<Option<RouteBuffers>>,
-    /// Scratch of the fused expert launches (`slots x inter` values), grown on demand.
-    hidden: Mutex<Option<CudaSlice<f32>>>,
+    /// Scratch of the fused expert launches (`slots x inter` values), one per stream, grown on
+    /// demand.
+    hidden: Mutex<[Option<CudaSlice<f32>>; 2]>,
     tables: Mutex<ResidentTables>,
     step: moe_cuda::StepInputs,
     /// Whether decode steps are recorded and replayed at all.
@@ -140,8 +145,11 @@ impl CudaBackend {
         let gpu = Gpu::new(ordinal)?;
         let tier = gpu.expert_tier(vram_budget(budget))?;
         let step = gpu.step_inputs()?;
+        let side = gpu.side_stream()?;
         Ok(CudaBackend {
             gpu,
+            side,
+            on_side: AtomicBool::new(false),
             tier,
             routes: Mutex::default(),
             hidden: Mutex::default(),
@@ -172,15 +180,31 @@ impl CudaBackend {
         self.tier.reset_stats()
     }
 
-    /// Runs `f` with the fused launches' scratch, at least `len` values.
+    /// The stream operations are queued on now.
+    fn queue(&self) -> &Gpu {
+        if self.on_side.load(Ordering::Relaxed) { &self.side } else { &self.gpu }
+    }
+
+    /// Queues `f`'s operations on the side stream, after what the main stream has queued so far;
+    /// the main stream must [join](Gpu::join) it before using what `f` writes.
+    fn beside(&self, f: impl FnOnce()) -> Result<()> {
+        self.gpu.fork(&self.side)?;
+        self.on_side.store(true, Ordering::Relaxed);
+        f();
+        self.on_side.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Runs `f` with the current stream's scratch for fused launches, at least `len` values.
     fn with_hidden<T>(&self, len: usize, f: impl FnOnce(&mut CudaSlice<f32>) -> T) -> T {
-        let mut h = self.hidden.lock().unwrap();
+        let mut hidden = self.hidden.lock().unwrap();
+        let h = &mut hidden[self.on_side.load(Ordering::Relaxed) as usize];
         if h.as_ref().is_none_or(|h| h.len() < len) {
             // Memory allocated while recording belongs to the graph: use it for this call only.
             if self.spoil_recording() {
-                return f(&mut ok(self.gpu.uninit(len), "allocation"));
+                return f(&mut ok(self.queue().uninit(len), "allocation"));
             }
-            *h = Some(ok(self.gpu.uninit(len), "allocation"));
+            *h = Some(ok(self.queue().uninit(len), "allocation"));
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         f(h.as_mut().unwrap())
@@ -245,7 +269,7 @@ impl CudaBackend {
         let t = &tables.layers[&layer];
         self.with_hidden(k * t.shape.inter, |h| {
             let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
-            self.gpu.moe_token(&t.shape, experts, x, &r.weights, false, h, acc)
+            self.queue().moe_token(&t.shape, experts, x, &r.weights, false, h, Some(&self.side), acc)
         })?;
         let k = k as u64;
         match t.host_bytes {
@@ -284,7 +308,7 @@ impl CudaBackend {
             return Ok(None);
         }
         let addresses: Vec<u64> = parts.iter().flatten().map(|p| p[0]).collect();
-        let table = self.gpu.upload_u64(&addresses)?;
+        let table = self.queue().upload_u64(&addresses)?;
         Ok(Some(LayerTable { table, off, shape: *shape, host_bytes, _held: held }))
     }
 }
@@ -323,7 +347,7 @@ impl Backend for CudaBackend {
         };
         format!(
             "cuda ({}; VRAM experts {budget}: {} resident, {:.2} GiB, {} hits, {} misses, {:.2} GiB uploaded)",
-            self.gpu.describe(),
+            self.queue().describe(),
             s.resident_experts,
             gib(s.resident_bytes),
             s.hits,
@@ -344,12 +368,12 @@ impl Backend for CudaBackend {
         if !(self.graphs.load(Ordering::Relaxed) && self.routes_on_device(routing)) {
             return Ok(None);
         }
-        self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
+        self.queue().set_step_inputs(&self.step, token, u32::try_from(position)?)?;
         let before = self.tier.stats();
         self.spoiled.store(false, Ordering::Relaxed);
         self.recording.store(true, Ordering::Relaxed);
-        let recorded = self.gpu.record(|| -> Result<()> {
-            self.gpu.queue_step_inputs(&self.step)?;
+        let recorded = self.queue().record(|| -> Result<()> {
+            self.queue().queue_step_inputs(&self.step)?;
             body()
         });
         self.recording.store(false, Ordering::Relaxed);
@@ -362,7 +386,7 @@ impl Backend for CudaBackend {
         let uses =
             [after.hits - before.hits, after.misses - before.misses, after.bytes_uploaded - before.bytes_uploaded];
         let g = CudaStepGraph { graph, epoch: self.graph_epoch(), uses };
-        self.gpu.replay(&g.graph)?;
+        self.queue().replay(&g.graph)?;
         Ok(Some(g))
     }
 
@@ -370,15 +394,15 @@ impl Backend for CudaBackend {
         if g.epoch != self.graph_epoch() {
             return Ok(false);
         }
-        self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
-        self.gpu.replay(&g.graph)?;
+        self.queue().set_step_inputs(&self.step, token, u32::try_from(position)?)?;
+        self.queue().replay(&g.graph)?;
         let [hits, misses, bytes] = g.uses;
         self.tier.count(hits, misses, bytes);
         Ok(true)
     }
 
     fn weight(&self, m: &Matrix) -> Result<DeviceMatrix> {
-        Ok(self.gpu.matrix(m)?)
+        Ok(self.queue().matrix(m)?)
     }
 
     fn expert_weights<F>(&self, layer: usize, id: usize, fetch: F) -> Result<ExpertHandle>
@@ -393,7 +417,7 @@ impl Backend for CudaBackend {
     }
 
     fn check_memory(&self, dense_bytes: u64) -> Result<()> {
-        let (free, _) = self.gpu.memory()?;
+        let (free, _) = self.queue().memory()?;
         let (free, headroom) = (free as u64, moe_cuda::VRAM_HEADROOM);
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         if dense_bytes + headroom > free {
@@ -455,47 +479,47 @@ impl Backend for CudaBackend {
     }
 
     fn device_bandwidth(&self, seconds: f64) -> Option<(f64, f64)> {
-        self.gpu.bandwidth(seconds).ok().map(|b| (b.device, b.host_to_device))
+        self.queue().bandwidth(seconds).ok().map(|b| (b.device, b.host_to_device))
     }
 
     fn tensor(&self, values: &[f32]) -> CudaSlice<f32> {
         if self.spoil_recording() {
             return self.scratch(values.len());
         }
-        ok(self.gpu.upload(values), "upload")
+        ok(self.queue().upload(values), "upload")
     }
 
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
-        ok(self.gpu.zeros(len), "allocation")
+        ok(self.queue().zeros(len), "allocation")
     }
 
     fn scratch(&self, len: usize) -> CudaSlice<f32> {
-        ok(self.gpu.uninit(len), "allocation")
+        ok(self.queue().uninit(len), "allocation")
     }
 
     fn read(&self, t: &CudaSlice<f32>, len: usize) -> Vec<f32> {
         if self.spoil_recording() {
             return vec![0.0; len];
         }
-        ok(self.gpu.download(t, len), "read")
+        ok(self.queue().download(t, len), "read")
     }
 
     fn resized(&self, t: &CudaSlice<f32>, keep: usize, len: usize) -> CudaSlice<f32> {
-        ok(self.gpu.resized(t, keep, len), "resize")
+        ok(self.queue().resized(t, keep, len), "resize")
     }
 
     fn embed(&self, table: &DeviceMatrix, tokens: &[u32], out: &mut CudaSlice<f32>) {
         assert!(tokens.iter().all(|&t| (t as usize) < table.rows), "embed: token id out of range");
         if self.recording() {
             assert_eq!(tokens.len(), 1, "a recorded step embeds one token");
-            return ok(self.gpu.embed(table, &self.step.token(), out), "embed");
+            return ok(self.queue().embed(table, &self.step.token(), out), "embed");
         }
-        let ids = ok(self.gpu.upload_u32(tokens), "upload");
-        ok(self.gpu.embed(table, &ids.slice(..), out), "embed")
+        let ids = ok(self.queue().upload_u32(tokens), "upload");
+        ok(self.queue().embed(table, &ids.slice(..), out), "embed")
     }
 
     fn matmul(&self, w: &DeviceMatrix, x: &CudaSlice<f32>, tokens: usize, out: &mut CudaSlice<f32>) {
-        ok(self.gpu.matmul(w, x, tokens, out), "matmul")
+        ok(self.queue().matmul(w, x, tokens, out), "matmul")
     }
 
     fn rms_norm(
@@ -507,7 +531,7 @@ impl Backend for CudaBackend {
         rows: usize,
         out: &mut CudaSlice<f32>,
     ) {
-        ok(self.gpu.rms_norm(x, w, offset, eps, rows, out), "rms_norm")
+        ok(self.queue().rms_norm(x, w, offset, eps, rows, out), "rms_norm")
     }
 
     fn add_rms_norm(
@@ -522,11 +546,11 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
     ) {
         assert_eq!(width, w.len(), "add_rms_norm: width of the norm weight");
-        ok(self.gpu.add_rms_norm(x, delta, w, offset, eps, rows, out), "add_rms_norm")
+        ok(self.queue().add_rms_norm(x, delta, w, offset, eps, rows, out), "add_rms_norm")
     }
 
     fn add(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, len: usize) {
-        ok(self.gpu.add(acc, x, len), "add")
+        ok(self.queue().add(acc, x, len), "add")
     }
 
     fn attention(
@@ -550,10 +574,10 @@ impl Backend for CudaBackend {
         );
         let (kc, vc) = (&mut cache.k, &mut cache.v);
         let r = if self.recording() {
-            self.gpu.attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &self.step.position(), tokens, out)
+            self.queue().attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &self.step.position(), tokens, out)
         } else {
-            let past_on_device = ok(self.gpu.upload_u32(&[u32::try_from(past).expect("position")]), "upload");
-            self.gpu.attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &past_on_device.slice(..), tokens, out)
+            let past_on_device = ok(self.queue().upload_u32(&[u32::try_from(past).expect("position")]), "upload");
+            self.queue().attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &past_on_device.slice(..), tokens, out)
         };
         ok(r, "attention")
     }
@@ -567,7 +591,7 @@ impl Backend for CudaBackend {
         tokens: usize,
         out: &mut CudaSlice<f32>,
     ) {
-        let r = self.gpu.delta_net(
+        let r = self.queue().delta_net(
             s,
             params.conv,
             params.a_log,
@@ -595,7 +619,7 @@ impl Backend for CudaBackend {
         if self.spoil_recording() {
             return;
         }
-        ok(self.gpu.expert_ffn(gate, up, down, x, rows, scales, acc), "expert_ffn")
+        ok(self.queue().expert_ffn(gate, up, down, x, rows, scales, acc), "expert_ffn")
     }
 
     fn shared_expert(
@@ -611,7 +635,7 @@ impl Backend for CudaBackend {
         if let (1, Ok(shape)) = (tokens, MoeShape::of_device(&[gate, up, down])) {
             let parts = [expert_parts(&self.gpu, &[gate, up, down])];
             let fused = self.with_hidden(gate.rows, |h| {
-                self.gpu.moe_token(&shape, MoeExperts::Listed(&parts), x, gate_logit, true, h, acc)
+                self.queue().moe_token(&shape, MoeExperts::Listed(&parts), x, gate_logit, true, h, None, acc)
             });
             return ok(fused, "shared expert");
         }
@@ -642,7 +666,7 @@ impl Backend for CudaBackend {
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         let r = routes.as_mut().unwrap();
-        self.gpu.route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
+        self.queue().route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
 
         // Every expert resident: in GPU memory, or, without a VRAM tier, in the store's RAM.
         let all = routing.layers * experts;
@@ -654,17 +678,21 @@ impl Backend for CudaBackend {
             None
         };
         if let Some(host) = resident {
-            shared(acc);
-            if self.table_experts(layer, experts, k, r, x, host, acc)? {
+            // The shared expert on the side stream, beside the routed experts' gate and up
+            // launch; their down launch joins it (both add to `acc`).
+            self.beside(|| shared(acc))?;
+            let done = self.table_experts(layer, experts, k, r, x, host, acc)?;
+            if done {
                 return Ok(Some(k));
             }
+            self.gpu.join(&self.side)?;
         }
 
         if self.recording() {
             return Err(NotRecordable.into());
         }
         // The host needs the ids: copy them back and wait for that copy only.
-        let ids: Vec<usize> = self.gpu.read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
+        let ids: Vec<usize> = self.queue().read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
         let missing: Vec<usize> = ids.iter().copied().filter(|&e| !self.tier.contains(layer, e)).collect();
         store.prefetch(layer, &missing);
         if resident.is_none() {
@@ -706,7 +734,7 @@ impl Backend for CudaBackend {
             .ok_or_else(|| anyhow::anyhow!("the experts of layer {layer} differ in shape or format: {shapes:?}"))?;
         let parts: Vec<[u64; 9]> = slots.iter().map(|s| s.parts(&self.gpu)).collect();
         self.with_hidden(k * shape.inter, |h| {
-            self.gpu.moe_token(&shape, MoeExperts::Listed(&parts), x, &r.weights, false, h, acc)
+            self.queue().moe_token(&shape, MoeExperts::Listed(&parts), x, &r.weights, false, h, None, acc)
         })?;
         let host: Vec<Matrix> = slots
             .into_iter()
