@@ -5,8 +5,9 @@
 // the one-token matvec does.
 
 #define MOE_MAX_SLOTS 16
-// Router logits per lane of the top-k warp: experts up to 32 x 32.
-#define ROUTE_PER_LANE 32
+// The top-k block: experts up to ROUTE_THREADS x ROUTE_PER_THREAD (ROUTE_MAX_EXPERTS in device.rs).
+#define ROUTE_THREADS 128
+#define ROUTE_PER_THREAD 8
 
 // Where the parts of each slot's matrices are: part p of slot k lies at `part[k][p]`, or at
 // `table[ids[k]] + off[p]` when a table is given (every expert of the layer resident in GPU memory,
@@ -36,60 +37,82 @@ __device__ __forceinline__ void warp_argmax(float* v, int* e) {
     }
 }
 
-// Per token (one warp each): softmax over `experts` router logits, the top `k` (ties to the lower
-// id, best first) into `ids[t * k + i]` and their probabilities into `weights`, renormalised to sum
-// to 1 when `norm` (as `moe_core::ops::route`).
-extern "C" __global__ void __launch_bounds__(32) route_topk(const float* __restrict__ logits, int experts, int k,
-                                                            int norm, int* __restrict__ ids,
-                                                            float* __restrict__ weights) {
-    const int t = blockIdx.x, lane = threadIdx.x;
+// Per token (one block of ROUTE_THREADS each, ROUTE_PER_THREAD logits per thread): the top `k`
+// of `experts` router logits (ties to the lower id, best first) into `ids[t * k + i]` and their
+// softmax probabilities into `weights`, renormalised to sum to 1 when `norm` (as
+// `moe_core::ops::route`). Each round every warp finds its best, then every thread the block's;
+// the softmax needs only the picked logits and the sum of all. (One warp for all the logits
+// walked 32 per lane per round.)
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const float* __restrict__ logits, int experts,
+                                                                       int k, int norm, int* __restrict__ ids,
+                                                                       float* __restrict__ weights) {
+    const int NW = ROUTE_THREADS / 32;
+    __shared__ float red[32];
+    __shared__ float cand_v[2][NW];
+    __shared__ int cand_e[2][NW];
+    __shared__ float pick_v[MOE_MAX_SLOTS];
+    __shared__ int pick_e[MOE_MAX_SLOTS];
+    const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float* l = logits + (u64)t * experts;
-    float v[ROUTE_PER_LANE];
-    float mx = NEG_INF;
+    float v[ROUTE_PER_THREAD];
 #pragma unroll
-    for (int j = 0; j < ROUTE_PER_LANE; j++) {
-        const int e = j * 32 + lane;
+    for (int j = 0; j < ROUTE_PER_THREAD; j++) {
+        const int e = j * ROUTE_THREADS + tid;
         v[j] = e < experts ? l[e] : NEG_INF;
-        mx = fmaxf(mx, v[j]);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < ROUTE_PER_LANE; j++)
-        if (j * 32 + lane < experts) sum += expf(v[j] - mx);
-    sum = warp_sum(sum);
-    float mine = 0.0f, picked = 0.0f;
-    int my_id = 0;
     for (int i = 0; i < k; i++) {
         float best = NEG_INF;
         int be = 0x7fffffff;
 #pragma unroll
-        for (int j = 0; j < ROUTE_PER_LANE; j++) {
-            const int e = j * 32 + lane;
+        for (int j = 0; j < ROUTE_PER_THREAD; j++) {
+            const int e = j * ROUTE_THREADS + tid;
             if (e < experts && (v[j] > best || be == 0x7fffffff)) {
                 best = v[j];
                 be = e;
             }
         }
         warp_argmax(&best, &be);
+        if (lane == 0) {
+            cand_v[i & 1][warp] = best;
+            cand_e[i & 1][warp] = be;
+        }
+        __syncthreads();
+        best = cand_v[i & 1][0];
+        be = cand_e[i & 1][0];
+#pragma unroll
+        for (int w = 1; w < NW; w++) {
+            const float ov = cand_v[i & 1][w];
+            const int oe = cand_e[i & 1][w];
+            if (ov > best || (ov == best && oe < be)) {
+                best = ov;
+                be = oe;
+            }
+        }
         // A NaN router output must not send an out-of-range id to the expert kernels.
         if (be >= experts) be = 0;
-        if ((be & 31) == lane) {
+        if (be % ROUTE_THREADS == tid) {
 #pragma unroll
-            for (int j = 0; j < ROUTE_PER_LANE; j++)
-                if (j == (be >> 5)) v[j] = NEG_INF;
+            for (int j = 0; j < ROUTE_PER_THREAD; j++)
+                if (j == be / ROUTE_THREADS) v[j] = NEG_INF;
         }
-        const float p = expf(best - mx) / sum;
-        if (lane == i) {
-            mine = p;
-            my_id = be;
+        if (tid == 0) {
+            pick_v[i] = best;
+            pick_e[i] = be;
         }
-        picked += p;
     }
-    if (lane < k) {
-        ids[t * k + lane] = my_id;
-        weights[t * k + lane] = norm ? mine / picked : mine;
+    __syncthreads();
+    const float mx = pick_v[0];
+    // The picked logits are out of `v` now: the rest summed over the block, the picked here.
+    float rest = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ROUTE_PER_THREAD; j++) rest += expf(v[j] - mx);
+    float picked = 0.0f;
+    for (int i = 0; i < k; i++) picked += expf(pick_v[i] - mx);
+    const float sum = block_sum(rest, red) + picked;
+    if (tid < k) {
+        const float p = expf(pick_v[tid] - mx);
+        ids[t * k + tid] = pick_e[tid];
+        weights[t * k + tid] = norm ? p / picked : p / sum;
     }
 }
 

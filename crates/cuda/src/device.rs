@@ -767,8 +767,10 @@ impl Gpu {
 
 /// Most experts one fused MoE launch takes (`MOE_MAX_SLOTS` in moe.cu).
 pub const MOE_MAX_SLOTS: usize = 16;
-/// Most router outputs the device top-k handles (32 per lane of one warp; `ROUTE_PER_LANE`).
-pub const ROUTE_MAX_EXPERTS: usize = 32 * 32;
+/// Most router outputs the device top-k handles (`ROUTE_PER_THREAD` for each of the block's
+/// `ROUTE_THREADS`).
+pub const ROUTE_MAX_EXPERTS: usize = 8 * ROUTE_THREADS as usize;
+const ROUTE_THREADS: u32 = 128;
 
 /// `MoeSlots` of moe.cu: part `p` of slot `k` is at `part[k][p]`, or `table[ids[k]] + off[p]`.
 #[repr(C)]
@@ -886,7 +888,8 @@ impl Gpu {
             return Ok(());
         }
         let (e, k_i, norm) = (i32_of(experts, "experts"), k as i32, norm as i32);
-        let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (ROUTE_THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(self.f("route_topk"));
         b.arg(logits).arg(&e).arg(&k_i).arg(&norm).arg(ids).arg(weights);
         unsafe { b.launch(cfg) }.what("launching route_topk")?;
