@@ -3,8 +3,7 @@
 use crate::{Context, Error, Result, loader, ptx};
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PinnedHostSlice,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use moe_core::shapes::{AttentionShape, DeltaNetShape};
 use moe_core::{DType, Matrix, WeightFormat};
@@ -365,27 +364,6 @@ impl Gpu {
         let copied = self.stream.record_event(None).what("recording an event")?;
         copied.synchronize().what("waiting for a copy to the host")?;
         Ok(&host.as_slice().what("reading pinned memory")?[..len])
-    }
-
-    /// The device address of `buf`'s first element.
-    pub fn address<T>(&self, buf: &CudaSlice<T>) -> u64 {
-        buf.device_ptr(&self.stream).0
-    }
-
-    /// A buffer of `len` bytes that copies fill before any kernel reads it (no fill).
-    pub fn uninit_bytes(&self, len: usize) -> Result<CudaSlice<u8>> {
-        // SAFETY: callers copy into the bytes they read.
-        unsafe { self.stream.alloc(len.max(1)) }.what("allocating")
-    }
-
-    /// Queues a copy of `src` to `dst` from byte `at` on. Asynchronous (by DMA) when `src` is
-    /// page-locked, which the caller keeps alive and unchanged until the copy has run.
-    pub fn copy_in(&self, src: &[u8], dst: &mut CudaSlice<u8>, at: usize) -> Result<()> {
-        assert!(at + src.len() <= dst.len(), "copy_in: {} bytes at {at} overflow {}", src.len(), dst.len());
-        let (ptr, _sync) = dst.device_ptr_mut(&self.stream);
-        // SAFETY: the destination range lies in `dst` (checked); the source is a valid slice.
-        unsafe { cudarc::driver::result::memcpy_htod_async(ptr + at as u64, src, self.stream.cu_stream()) }
-            .what("copying to the device")
     }
 
     pub fn upload_u64(&self, values: &[u64]) -> Result<CudaSlice<u64>> {

@@ -1,7 +1,6 @@
 //! The CUDA implementation of [`Backend`]: f32 activations in device memory (`CudaSlice<f32>`),
 //! weights uploaded once in their stored format (bf16/f16/f32 or affine q8/q4/q2) and
-//! dequantised inside the kernels. Operations are queued on one stream (the shared expert on a
-//! second one beside the routed experts); `read` waits for them.
+//! dequantised inside the kernels. Every operation is queued on one stream; `read` waits for it.
 //!
 //! Routed experts go through a GPU-memory tier ([`moe_cuda::ExpertTier`]): a byte budget of
 //! uploaded experts (`--vram-budget`, `auto` = free device memory after the dense weights less
@@ -9,16 +8,16 @@
 //! store and copies nothing, a miss is uploaded on a copy stream that the compute stream waits on
 //! with an event (straight from the store's buffer when it is page-locked, else through pinned
 //! staging). All experts are uploaded at load when they fit the budget. With budget 0 nothing is
-//! kept: each expert in the store's page-locked memory is copied by DMA into a staging buffer for
-//! its one use (or, when its parts do not lie in one block, read by the kernels in place over
-//! PCIe); heap buffers are uploaded for the one use.
+//! kept: the fused kernels read each expert from the store's page-locked buffer over PCIe (heap
+//! buffers are uploaded for the one use).
 //!
 //! Decoding routes on the device ([`Backend::routed_experts_on_device`]): the router's top-k runs
 //! in a kernel, and a layer's selected experts run in two fused launches. When every expert of the
-//! model is resident in GPU memory, the kernels find the experts through a per-layer table of
-//! device addresses and nothing is copied back to the host until the logits; otherwise the chosen
+//! model is resident in GPU memory (or, with budget 0, in the store's page-locked RAM), the kernels
+//! find the experts through a per-layer table of device (or host) addresses and nothing is copied
+//! back to the host until the logits; otherwise the chosen
 //! ids are copied back (one small wait per layer), the missing experts are fetched (and uploaded
-//! or staged), and the shared expert is queued before the host waits for the store.
+//! or read in place), and the shared expert is queued before the host waits for the store.
 //!
 //! A decode step can be recorded as a CUDA graph and replayed ([`Backend::record_step`]) when it
 //! never needs the host midway, that is when every expert is resident. While recording, the
@@ -49,10 +48,6 @@ pub struct CudaBackend {
     side: Gpu,
     /// Operations are queued on `side` (while the shared expert is).
     on_side: AtomicBool,
-    /// The stream that copies page-locked experts into `staging` for their one use (VRAM budget
-    /// 0): by DMA, which moves them over PCIe faster than the kernels read them in place.
-    copier: Gpu,
-    staging: Mutex<Option<CudaSlice<u8>>>,
     tier: moe_cuda::ExpertTier,
     routes: Mutex<Option<RouteBuffers>>,
     /// Scratch of the fused expert launches (`slots x inter` values), one per stream, grown on
@@ -89,8 +84,7 @@ struct RouteBuffers {
 /// Where a chosen expert is read from by the fused kernels.
 enum Slot {
     Device(moe_cuda::ExpertHandle),
-    /// Page-locked host memory of the expert store, and the parts' addresses in it (or, once
-    /// [staged](CudaBackend::stage), in the device copy).
+    /// Page-locked host memory of the expert store, and the parts' addresses in it.
     Host(Box<Expert>, [u64; 9]),
 }
 
@@ -123,9 +117,18 @@ struct LayerTable {
     table: CudaSlice<u64>,
     off: [u64; 9],
     shape: MoeShape,
-    /// Keep the experts' memory until the table is dropped: their handles, when dropped, order
-    /// any later free after the kernels queued until then.
-    _handles: Vec<moe_cuda::ExpertHandle>,
+    /// Bytes one use reads over the bus: 0 for experts in GPU memory.
+    host_bytes: u64,
+    _held: HeldExperts,
+}
+
+/// Keeps a table's experts in memory until the table is dropped.
+enum HeldExperts {
+    /// In GPU memory: their handles, when dropped, order any later free after the kernels queued
+    /// until then.
+    Device { _handles: Vec<moe_cuda::ExpertHandle> },
+    /// In the store's page-locked memory, read by the kernels over the bus.
+    Host { _experts: Vec<Expert> },
 }
 
 impl CudaBackend {
@@ -142,13 +145,11 @@ impl CudaBackend {
         let gpu = Gpu::new(ordinal)?;
         let tier = gpu.expert_tier(vram_budget(budget))?;
         let step = gpu.step_inputs()?;
-        let (side, copier) = (gpu.side_stream()?, gpu.side_stream()?);
+        let side = gpu.side_stream()?;
         Ok(CudaBackend {
             gpu,
             side,
             on_side: AtomicBool::new(false),
-            copier,
-            staging: Mutex::default(),
             tier,
             routes: Mutex::default(),
             hidden: Mutex::default(),
@@ -239,7 +240,9 @@ impl CudaBackend {
     }
 
     /// Queues the experts of `layer` chosen on the device (`ids`, `weights`) through the layer's
-    /// address table, if every expert of the layer is resident in GPU memory. False if not.
+    /// address table, if every expert of the layer is resident: in GPU memory, or, with `host`,
+    /// in that store's page-locked RAM (read in place over the bus). False if not.
+    #[allow(clippy::too_many_arguments)]
     fn table_experts(
         &self,
         layer: usize,
@@ -247,6 +250,7 @@ impl CudaBackend {
         k: usize,
         r: &RouteBuffers,
         x: &CudaSlice<f32>,
+        host: Option<&dyn ExpertSource>,
         acc: &mut CudaSlice<f32>,
     ) -> Result<bool> {
         let generation = self.tier.generation();
@@ -259,7 +263,7 @@ impl CudaBackend {
             if self.recording() {
                 return Ok(false);
             }
-            let Some(table) = self.layer_table(layer, experts)? else { return Ok(false) };
+            let Some(table) = self.layer_table(layer, experts, host)? else { return Ok(false) };
             slot.insert(table);
         }
         let t = &tables.layers[&layer];
@@ -267,64 +271,45 @@ impl CudaBackend {
             let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
             self.queue().moe_token(&t.shape, experts, x, &r.weights, false, h, Some(&self.side), acc)
         })?;
-        self.tier.count(k as u64, 0, 0);
+        let k = k as u64;
+        match t.host_bytes {
+            0 => self.tier.count(k, 0, 0),
+            bytes => self.tier.count(0, k, k * bytes),
+        }
         Ok(true)
     }
 
     /// The address table of `layer`'s experts (see [`table_experts`](Self::table_experts)), if
     /// they are all resident and share one shape and layout.
-    fn layer_table(&self, layer: usize, experts: usize) -> Result<Option<LayerTable>> {
-        let Some(handles) = (0..experts).map(|e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
-            return Ok(None);
-        };
-        let parts: Vec<[u64; 9]> = handles.iter().map(|h| expert_parts(&self.gpu, &h.matrices())).collect();
-        let shapes: Vec<_> = handles.iter().map(|h| MoeShape::of_device(&h.matrices()).ok()).collect();
-        let (Some(shape), off) = (shapes[0], part_offsets(parts[0]).1) else { return Ok(None) };
-        if !parts.iter().zip(&shapes).all(|(p, s)| *s == Some(shape) && part_offsets(*p).1 == off) {
-            return Ok(None);
-        }
-        let addresses: Vec<u64> = parts.iter().map(|p| p[0]).collect();
-        let table = self.queue().upload_u64(&addresses)?;
-        Ok(Some(LayerTable { table, off, shape, _handles: handles }))
-    }
-}
-
-impl CudaBackend {
-    /// Copies the host slots' experts into the staging buffer by DMA, each as the one span of
-    /// page-locked memory its parts lie in, and points the slots' addresses there. A slot whose
-    /// parts do not share one allocation stays where it is (read over the bus by the kernels).
-    fn stage(&self, slots: &mut [Slot]) -> Result<()> {
-        let pool = self.gpu.pinned_pool();
-        let mut spans = Vec::new();
-        for (i, slot) in slots.iter().enumerate() {
-            let Slot::Host(x, p) = slot else { continue };
-            let lens = [&x.gate, &x.up, &x.down].map(|m| [m.data.len(), m.scales.len(), m.biases.len()]).concat();
-            let base = p.iter().filter(|&&a| a != 0).min().copied().unwrap_or(0);
-            let end = p.iter().zip(&lens).map(|(&a, &n)| if a == 0 { 0 } else { a + n as u64 }).max().unwrap_or(0);
-            if base != 0 && pool.contains(base as *const u8, (end - base) as usize) {
-                spans.push((i, base, (end - base) as usize));
+    fn layer_table(&self, layer: usize, experts: usize, host: Option<&dyn ExpertSource>) -> Result<Option<LayerTable>> {
+        let ids: Vec<usize> = (0..experts).collect();
+        let (parts, shapes, held, host_bytes): (Vec<Option<[u64; 9]>>, Vec<_>, _, _) = match host {
+            None => {
+                let Some(handles) = ids.iter().map(|&e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
+                    return Ok(None);
+                };
+                let parts = handles.iter().map(|h| Some(expert_parts(&self.gpu, &h.matrices()))).collect();
+                let shapes = handles.iter().map(|h| MoeShape::of_device(&h.matrices()).ok()).collect();
+                (parts, shapes, HeldExperts::Device { _handles: handles }, 0)
             }
+            Some(store) => {
+                let held = store.experts(layer, &ids)?;
+                let parts = held.iter().map(|x| self.tier.host_parts([&x.gate, &x.up, &x.down])).collect();
+                let shapes = held.iter().map(|x| MoeShape::of_host(&[&x.gate, &x.up, &x.down]).ok()).collect();
+                let bytes = held.first().map_or(0, |x| x.byte_len() as u64);
+                (parts, shapes, HeldExperts::Host { _experts: held }, bytes)
+            }
+        };
+        let (Some(Some(shape)), Some(Some(first))) = (shapes.first(), parts.first()) else { return Ok(None) };
+        let off = part_offsets(*first).1;
+        let same =
+            parts.iter().zip(&shapes).all(|(p, s)| *s == Some(*shape) && p.is_some_and(|p| part_offsets(p).1 == off));
+        if !same {
+            return Ok(None);
         }
-        let Some(slot_bytes) = spans.iter().map(|s| s.2.next_multiple_of(256)).max() else { return Ok(()) };
-        let mut staging = self.staging.lock().unwrap();
-        if staging.as_ref().is_none_or(|b| b.len() < slots.len() * slot_bytes) {
-            *staging = Some(self.gpu.uninit_bytes(slots.len() * slot_bytes)?);
-        }
-        let buf = staging.as_mut().unwrap();
-        let device = self.gpu.address(buf);
-        // The copies wait for the kernels queued so far, which may still read the buffer.
-        self.gpu.fork(&self.copier)?;
-        for &(i, base, len) in &spans {
-            // SAFETY: `base..base + len` lies in one allocation of the pinned pool (checked above),
-            // which the slot's expert keeps alive until the kernels reading the copy are done.
-            let src = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
-            self.copier.copy_in(src, buf, i * slot_bytes)?;
-            let Slot::Host(_, p) = &mut slots[i] else { unreachable!("spans are host slots") };
-            let at = device + (i * slot_bytes) as u64;
-            *p = p.map(|a| if a == 0 { 0 } else { at + (a - base) });
-        }
-        self.gpu.join(&self.copier)?;
-        Ok(())
+        let addresses: Vec<u64> = parts.iter().flatten().map(|p| p[0]).collect();
+        let table = self.queue().upload_u64(&addresses)?;
+        Ok(Some(LayerTable { table, off, shape: *shape, host_bytes, _held: held }))
     }
 }
 
@@ -683,12 +668,20 @@ impl Backend for CudaBackend {
         let r = routes.as_mut().unwrap();
         self.queue().route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
 
-        let resident = self.tier.stats().resident_experts >= routing.layers * experts;
-        if resident {
+        // Every expert resident: in GPU memory, or, without a VRAM tier, in the store's RAM.
+        let all = routing.layers * experts;
+        let resident = if self.tier.stats().resident_experts >= all {
+            Some(None)
+        } else if self.tier.stats().budget == Some(0) && store.stats().resident_experts as usize >= all {
+            Some(Some(store))
+        } else {
+            None
+        };
+        if let Some(host) = resident {
             // The shared expert on the side stream, beside the routed experts' gate and up
             // launch; their down launch joins it (both add to `acc`).
             self.beside(|| shared(acc))?;
-            let done = self.table_experts(layer, experts, k, r, x, acc)?;
+            let done = self.table_experts(layer, experts, k, r, x, host, acc)?;
             if done {
                 return Ok(Some(k));
             }
@@ -702,7 +695,7 @@ impl Backend for CudaBackend {
         let ids: Vec<usize> = self.queue().read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
         let missing: Vec<usize> = ids.iter().copied().filter(|&e| !self.tier.contains(layer, e)).collect();
         store.prefetch(layer, &missing);
-        if !resident {
+        if resident.is_none() {
             shared(acc);
         }
         let mut fetched: HashMap<usize, Expert> =
@@ -739,7 +732,6 @@ impl Backend for CudaBackend {
         let shape = shapes[0]
             .filter(|s| shapes.iter().all(|o| *o == Some(*s)))
             .ok_or_else(|| anyhow::anyhow!("the experts of layer {layer} differ in shape or format: {shapes:?}"))?;
-        self.stage(&mut slots)?;
         let parts: Vec<[u64; 9]> = slots.iter().map(|s| s.parts(&self.gpu)).collect();
         self.with_hidden(k * shape.inter, |h| {
             self.queue().moe_token(&shape, MoeExperts::Listed(&parts), x, &r.weights, false, h, None, acc)

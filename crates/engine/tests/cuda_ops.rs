@@ -306,11 +306,18 @@ fn cuda_buffers_and_errors() {
 }
 
 /// Routed experts held in memory, as the model's expert store would give them.
-struct MemoryExperts(Vec<Vec<Expert>>);
+/// Experts held in memory; `in_ram` reports them all resident (as a store's warmed RAM tier
+/// does), and `fetches` counts the experts asked for.
+struct MemoryExperts(Vec<Vec<Expert>>, bool, std::sync::atomic::AtomicUsize);
 
 impl ExpertSource for MemoryExperts {
     fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError> {
+        self.2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(self.0[layer][expert].clone())
+    }
+    fn stats(&self) -> moe_store::StoreStats {
+        let all = self.0.iter().map(Vec::len).sum::<usize>() as u64;
+        moe_store::StoreStats { resident_experts: if self.1 { all } else { 0 }, ..Default::default() }
     }
     fn expert_bytes(&self) -> usize {
         self.0[0][0].byte_len()
@@ -322,10 +329,11 @@ impl ExpertSource for MemoryExperts {
 
 /// The decode path that routes on the device (top-k kernel, fused expert launches, shared expert),
 /// against the host routing and per-expert CPU computation, for every format: with budget 0 (ids
-/// copied back, every expert uploaded), with budget 0 and each expert's parts in separate
-/// page-locked blocks (read by the kernels over the bus), the same with each expert in one block
-/// (copied by DMA into the staging buffer), and with every expert resident in GPU memory (the
-/// address-table path); tied router logits go to the lower id as on the host.
+/// copied back, every expert uploaded), with budget 0 and the experts in page-locked memory (read
+/// by the kernels over the bus, nothing uploaded), the same with every expert in the store's RAM
+/// (read through an address table of host memory, without asking the store again), and with every
+/// expert resident in GPU memory (the address-table path); tied router logits go to the lower id
+/// as on the host.
 #[test]
 fn cuda_routed_experts_on_device() {
     let cpu = CpuBackend;
@@ -344,8 +352,10 @@ fn cuda_routed_experts_on_device() {
                         .collect()
                 })
                 .collect(),
+            false,
+            Default::default(),
         );
-        for (budget, resident, in_pool, one_block) in [
+        for (budget, resident, in_pool, in_ram) in [
             (Budget::Bytes(0), false, false, false),
             (Budget::Bytes(0), false, true, false),
             (Budget::Bytes(0), false, true, true),
@@ -361,8 +371,12 @@ fn cuda_routed_experts_on_device() {
             };
             let held;
             let store = if in_pool {
-                let copy = |e: &Expert| if one_block { pinned_expert(&pool, e) } else { pinned(e) };
-                held = MemoryExperts(store.0.iter().map(|l| l.iter().map(copy).collect()).collect());
+                let copy = |e: &Expert| if in_ram { pinned_expert(&pool, e) } else { pinned(e) };
+                held = MemoryExperts(
+                    store.0.iter().map(|l| l.iter().map(copy).collect()).collect(),
+                    in_ram,
+                    Default::default(),
+                );
                 &held
             } else {
                 &store
@@ -396,14 +410,21 @@ fn cuda_routed_experts_on_device() {
                     let calls = std::cell::Cell::new(0);
                     let shared = |_: &mut _| calls.set(calls.get() + 1);
                     let before = g.vram_stats();
+                    let fetched = store.2.load(std::sync::atomic::Ordering::Relaxed);
                     let used = g.routed_experts_on_device(layer, &routing, &gl, &gx, store, &shared, &mut acc).unwrap();
+                    if in_ram && trial == 2 {
+                        let again = store.2.load(std::sync::atomic::Ordering::Relaxed) - fetched;
+                        assert_eq!(
+                            again, 0,
+                            "experts in RAM: the layer's table is built once, the store not asked again"
+                        );
+                    }
                     assert_eq!((used, calls.get()), (Some(k), 1), "experts used, shared expert queued once");
                     let after = g.vram_stats();
                     let hits = after.hits - before.hits;
                     assert_eq!(hits, if resident { k as u64 } else { 0 }, "{:?}", after);
-                    // Pinned experts cross the bus once, read in place or copied into the staging
-                    // buffer, neither counted as an upload; heap ones are uploaded through pinned
-                    // staging (with alignment padding).
+                    // Pinned experts are read in place (their bytes cross the bus, nothing is uploaded);
+                    // heap ones are uploaded through staging (with alignment padding).
                     let direct = after.direct_uploads - before.direct_uploads;
                     let crossed = after.bytes_uploaded - before.bytes_uploaded;
                     let bytes = (k * store.expert_bytes()) as u64;
@@ -414,7 +435,7 @@ fn cuda_routed_experts_on_device() {
                         (false, false) => assert!(crossed >= bytes, "{crossed} bytes uploaded < {bytes}"),
                     }
                     let what = format!(
-                        "routed experts {} resident {resident} pinned {in_pool} one block {one_block} norm {norm} trial {trial}",
+                        "routed experts {} resident {resident} pinned {in_pool} norm {norm} trial {trial}",
                         format.name()
                     );
                     assert_close(&what, &g.read(&acc, h), &want, TOL);
