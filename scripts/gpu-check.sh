@@ -15,7 +15,7 @@
 #                                    # k is kernel_bench, 1e is run 1 without CUDA graphs; p,
 #                                    # not in the default, profiles run 1's kernels with ncu)
 #   GPU_CHECK_BASELINE=.carry/base scripts/gpu-check.sh --bench L
-#                                    # also runs k and 1 with the flash-moe and kernel_bench in
+#                                    # also runs k, 1 and 2 with the flash-moe and kernel_bench in
 #                                    # that directory (built from another commit): before/after
 #                                    # on the same machine
 #
@@ -138,8 +138,9 @@ bench() {
     fi
     # 2. No VRAM tier: every expert copied from the RAM tier (pinned memory, warmed with every
     #    expert first) by the copy engine at each use.
-    wanted 2 && step 150 "$bin" bench "${common[@]}" --device cuda --vram-budget 0 --ram-budget auto \
-        --no-direct-io --warm-ram --prompt-tokens 16 --tokens 32
+    local from_ram=(--device cuda --vram-budget 0 --ram-budget auto --no-direct-io --warm-ram --prompt-tokens 16 --tokens 32)
+    wanted 2 && step 150 "$bin" bench "${common[@]}" "${from_ram[@]}"
+    wanted 2 && [[ -n "$base" ]] && step 150 "$base/flash-moe" bench "${common[@]}" "${from_ram[@]}"
     # 3. The CPU backend on the same model, experts from RAM.
     wanted 3 && step 90 "$bin" bench "${common[@]}" --device cpu --ram-budget auto --no-direct-io \
         --prompt-tokens 8 --tokens 8
