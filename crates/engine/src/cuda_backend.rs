@@ -233,7 +233,7 @@ impl CudaBackend {
         (self.tier.generation(), self.scratch_epoch.load(Ordering::Relaxed))
     }
 
-    /// Whether a decode step can route on the device and find every expert in GPU memory.
+    /// Whether the top-k kernel takes this routing (experts, top-k).
     fn routes_on_device(&self, routing: &Routing) -> bool {
         let (experts, k) = (routing.experts, routing.top_k);
         k > 0 && k <= MOE_MAX_SLOTS.min(experts) && experts <= ROUTE_MAX_EXPERTS
@@ -269,7 +269,7 @@ impl CudaBackend {
         let t = &tables.layers[&layer];
         self.with_hidden(k * t.shape.inter, |h| {
             let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
-            self.queue().moe_token(&t.shape, experts, x, &r.weights, false, h, Some(&self.side), acc)
+            self.gpu.moe_token(&t.shape, experts, x, &r.weights, false, h, Some(&self.side), acc)
         })?;
         let k = k as u64;
         match t.host_bytes {
@@ -308,7 +308,7 @@ impl CudaBackend {
             return Ok(None);
         }
         let addresses: Vec<u64> = parts.iter().flatten().map(|p| p[0]).collect();
-        let table = self.queue().upload_u64(&addresses)?;
+        let table = self.gpu.upload_u64(&addresses)?;
         Ok(Some(LayerTable { table, off, shape: *shape, host_bytes, _held: held }))
     }
 }
@@ -347,7 +347,7 @@ impl Backend for CudaBackend {
         };
         format!(
             "cuda ({}; VRAM experts {budget}: {} resident, {:.2} GiB, {} hits, {} misses, {:.2} GiB uploaded)",
-            self.queue().describe(),
+            self.gpu.describe(),
             s.resident_experts,
             gib(s.resident_bytes),
             s.hits,
@@ -368,12 +368,12 @@ impl Backend for CudaBackend {
         if !(self.graphs.load(Ordering::Relaxed) && self.routes_on_device(routing)) {
             return Ok(None);
         }
-        self.queue().set_step_inputs(&self.step, token, u32::try_from(position)?)?;
+        self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
         let before = self.tier.stats();
         self.spoiled.store(false, Ordering::Relaxed);
         self.recording.store(true, Ordering::Relaxed);
-        let recorded = self.queue().record(|| -> Result<()> {
-            self.queue().queue_step_inputs(&self.step)?;
+        let recorded = self.gpu.record(|| -> Result<()> {
+            self.gpu.queue_step_inputs(&self.step)?;
             body()
         });
         self.recording.store(false, Ordering::Relaxed);
@@ -386,7 +386,7 @@ impl Backend for CudaBackend {
         let uses =
             [after.hits - before.hits, after.misses - before.misses, after.bytes_uploaded - before.bytes_uploaded];
         let g = CudaStepGraph { graph, epoch: self.graph_epoch(), uses };
-        self.queue().replay(&g.graph)?;
+        self.gpu.replay(&g.graph)?;
         Ok(Some(g))
     }
 
@@ -394,15 +394,15 @@ impl Backend for CudaBackend {
         if g.epoch != self.graph_epoch() {
             return Ok(false);
         }
-        self.queue().set_step_inputs(&self.step, token, u32::try_from(position)?)?;
-        self.queue().replay(&g.graph)?;
+        self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
+        self.gpu.replay(&g.graph)?;
         let [hits, misses, bytes] = g.uses;
         self.tier.count(hits, misses, bytes);
         Ok(true)
     }
 
     fn weight(&self, m: &Matrix) -> Result<DeviceMatrix> {
-        Ok(self.queue().matrix(m)?)
+        Ok(self.gpu.matrix(m)?)
     }
 
     fn expert_weights<F>(&self, layer: usize, id: usize, fetch: F) -> Result<ExpertHandle>
@@ -417,7 +417,7 @@ impl Backend for CudaBackend {
     }
 
     fn check_memory(&self, dense_bytes: u64) -> Result<()> {
-        let (free, _) = self.queue().memory()?;
+        let (free, _) = self.gpu.memory()?;
         let (free, headroom) = (free as u64, moe_cuda::VRAM_HEADROOM);
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         if dense_bytes + headroom > free {
@@ -479,7 +479,7 @@ impl Backend for CudaBackend {
     }
 
     fn device_bandwidth(&self, seconds: f64) -> Option<(f64, f64)> {
-        self.queue().bandwidth(seconds).ok().map(|b| (b.device, b.host_to_device))
+        self.gpu.bandwidth(seconds).ok().map(|b| (b.device, b.host_to_device))
     }
 
     fn tensor(&self, values: &[f32]) -> CudaSlice<f32> {
@@ -666,7 +666,7 @@ impl Backend for CudaBackend {
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         let r = routes.as_mut().unwrap();
-        self.queue().route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
+        self.gpu.route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
 
         // Every expert resident: in GPU memory, or, without a VRAM tier, in the store's RAM.
         let all = routing.layers * experts;
@@ -692,7 +692,7 @@ impl Backend for CudaBackend {
             return Err(NotRecordable.into());
         }
         // The host needs the ids: copy them back and wait for that copy only.
-        let ids: Vec<usize> = self.queue().read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
+        let ids: Vec<usize> = self.gpu.read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
         let missing: Vec<usize> = ids.iter().copied().filter(|&e| !self.tier.contains(layer, e)).collect();
         store.prefetch(layer, &missing);
         if resident.is_none() {
@@ -734,7 +734,7 @@ impl Backend for CudaBackend {
             .ok_or_else(|| anyhow::anyhow!("the experts of layer {layer} differ in shape or format: {shapes:?}"))?;
         let parts: Vec<[u64; 9]> = slots.iter().map(|s| s.parts(&self.gpu)).collect();
         self.with_hidden(k * shape.inter, |h| {
-            self.queue().moe_token(&shape, MoeExperts::Listed(&parts), x, &r.weights, false, h, None, acc)
+            self.gpu.moe_token(&shape, MoeExperts::Listed(&parts), x, &r.weights, false, h, None, acc)
         })?;
         let host: Vec<Matrix> = slots
             .into_iter()
