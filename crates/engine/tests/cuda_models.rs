@@ -135,3 +135,31 @@ fn cuda_greedy_generation_equals_the_cpu() {
         assert!(cpu_tokens.len() > prompt.len() + 10, "generated too little: {cpu_tokens:?}");
     }
 }
+
+/// Two sessions decoding in turns on one model (the server's case, at different positions) each
+/// record and replay their own step, and every step's logits equal, bit for bit, those of the same
+/// step queued kernel by kernel on a model without graphs.
+#[test]
+fn cuda_interleaved_sessions_replay_their_own_graphs() {
+    let test = "cuda_interleaved_sessions_replay_their_own_graphs";
+    let (Some(g), Some(e)) = (gpu(test, Budget::Auto), gpu(test, Budget::Auto)) else { return };
+    e.use_graphs(false);
+    let dir = fixture("qwen35_moe");
+    let model: Model<CudaBackend> = moe_engine::load(&dir, None, g).unwrap();
+    let eager: Model<CudaBackend> = moe_engine::load(&dir, None, e).unwrap();
+    let ids = reference("qwen35_moe").ids;
+    let lag = 5;
+    let (mut a, mut b, mut ea, mut eb) =
+        (model.new_session(), model.new_session(), eager.new_session(), eager.new_session());
+    for i in 0..ids.len() + lag {
+        for (s, es, at, name) in [(&mut a, &mut ea, i, "a"), (&mut b, &mut eb, i.wrapping_sub(lag), "b")] {
+            let Some(&tok) = ids.get(at) else { continue };
+            let got = model.forward(s, &[tok], false, false).unwrap().logits;
+            let want = eager.forward(es, &[tok], false, false).unwrap().logits;
+            assert!(got == want, "session {name}, step {at}: replayed logits differ from the direct step's");
+        }
+    }
+    let replays = model.take_profile().replays;
+    assert!(replays + 16 >= 2 * ids.len(), "only {replays} of {} steps replayed", 2 * ids.len());
+    assert_eq!(eager.take_profile().replays, 0, "the model without graphs replayed steps");
+}
