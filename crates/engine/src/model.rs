@@ -354,7 +354,7 @@ impl<B: Backend> Model<B> {
             StepGraph::Unavailable => {}
         }
         self.queue(&mut session.layers, &[token], past, 1, false, prof, &mut logits)?;
-        let mut clock = Stopwatch::start();
+        clock = Stopwatch::start();
         let out = b.read(&logits, vocab);
         clock.lap(&mut prof.other);
         Ok(out)
