@@ -670,9 +670,10 @@ impl Backend for CudaBackend {
 
         // Every expert resident: in GPU memory, or, without a VRAM tier, in the store's RAM.
         let all = routing.layers * experts;
-        let resident = if self.tier.stats().resident_experts >= all {
+        let tier = self.tier.stats();
+        let resident = if tier.resident_experts >= all {
             Some(None)
-        } else if self.tier.stats().budget == Some(0) && store.stats().resident_experts as usize >= all {
+        } else if tier.budget == Some(0) && store.stats().resident_experts as usize >= all {
             Some(Some(store))
         } else {
             None
