@@ -12,8 +12,12 @@
 #                                    # RAM (pinned), on the CPU backend, from disk (cold)
 #   GPU_CHECK_RUNS="1 1e" scripts/gpu-check.sh --bench L
 #                                    # only the named benchmarks (default: all, "k 1 1e 2 3 4";
-#                                    # k is kernel_bench, 1e is run 1 without CUDA graphs; p,
-#                                    # not in the default, profiles run 1's kernels with ncu)
+#                                    # k is kernel_bench, 1e is run 1 without CUDA graphs, 1n
+#                                    # without early launches (FLASH_MOE_EARLY_LAUNCH=0); p,
+#                                    # not in the default, profiles run 1's kernels with ncu at
+#                                    # the clocks and caches of a normal run)
+#   GPU_CHECK_TESTS=0 scripts/gpu-check.sh --bench L
+#                                    # the benchmarks only
 #   GPU_CHECK_BASELINE=.carry/base scripts/gpu-check.sh --bench L
 #                                    # also runs k, 1 and 2 with the flash-moe and kernel_bench in
 #                                    # that directory (built from another commit): before/after
@@ -125,12 +129,13 @@ bench() {
         nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$blog"
     fi
     wanted 1e && step 150 "$bin" bench "${common[@]}" "${resident[@]}" --no-graphs
+    wanted 1n && step 150 env FLASH_MOE_EARLY_LAUNCH=0 "$bin" bench "${common[@]}" "${resident[@]}"
     wanted 1 && [[ -n "$base" ]] && step 150 "$base/flash-moe" bench "${common[@]}" "${resident[@]}"
     # p. Every kernel of run 1 (one-token prompt, three decoded tokens, no graphs) under Nsight
     #    Compute: time, DRAM and SM throughput per kernel name, summed over the four steps.
     if wanted p; then
         local csv="${OUT:-/tmp}/ncu.csv"
-        step 300 /usr/local/cuda/bin/ncu --csv --log-file "$csv" --metrics \
+        step 300 /usr/local/cuda/bin/ncu --csv --log-file "$csv" --clock-control none --cache-control none --metrics \
             gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
             "$bin" bench "${common[@]}" --device cuda --vram-budget auto --ram-budget 0 --no-direct-io \
             --prompt-tokens 1 --tokens 3 --no-graphs
@@ -155,6 +160,7 @@ bench() {
 
 run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 failed=()
+[[ "${GPU_CHECK_TESTS:-1}" == 0 ]] && bins=()
 for bin in "${bins[@]}"; do
     name="$(basename "$bin")"
     chmod +x "$bin" 2>/dev/null || true

@@ -47,6 +47,7 @@ extern "C" __global__ void attn_append_kv(const float* __restrict__ k, const flo
                                           const float* __restrict__ k_norm, float* __restrict__ k_cache,
                                           float* __restrict__ v_cache, int kv_heads, int hd, int rot, double theta,
                                           float offset, float eps, const u32* __restrict__ past) {
+    grid_start();
     extern __shared__ float smem[];
     __shared__ float red[32];
     const int t = blockIdx.x, h = blockIdx.y;
@@ -64,6 +65,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attn_decode(const float* __restrict__ q, const float* __restrict__ q_norm, const float* __restrict__ k_cache,
                 const float* __restrict__ v_cache, float* __restrict__ out, int heads, int kv_heads, int hd, int rot,
                 double theta, float offset, float eps, const u32* __restrict__ past, int gated) {
+    grid_start();
     extern __shared__ float smem[];
     __shared__ float red[32];
     __shared__ float wm[ATTN_THREADS / 32], wl[ATTN_THREADS / 32];

@@ -25,6 +25,29 @@ template <> struct Fmt<FMT_Q8> { static const int BITS = 8; static const bool AF
 template <> struct Fmt<FMT_Q4> { static const int BITS = 4; static const bool AFFINE = true; };
 template <> struct Fmt<FMT_Q2> { static const int BITS = 2; static const bool AFFINE = true; };
 
+// Early launch (programmatic dependent launch, sm_90+; see launch.rs): a kernel may start while
+// the one before it in the stream still runs. `grid_wait` returns once that one has finished and
+// its writes are visible (and so has every kernel before it, since each waited in turn); every
+// kernel calls it before it reads anything an earlier kernel writes and before it writes anything.
+// `grid_release` lets the next kernel start once every block of this one has called it or ended.
+__device__ __forceinline__ void grid_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_release() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The start of a kernel that reads its inputs at once.
+__device__ __forceinline__ void grid_start() {
+    grid_release();
+    grid_wait();
+}
+
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float bf16_to_f32(u32 bits) { return __uint_as_float(bits << 16); }

@@ -9,6 +9,7 @@
 extern "C" __global__ void dn_conv(const float* __restrict__ qkv, int stride, const float* __restrict__ w,
                                    float* __restrict__ hist, float* __restrict__ mixed, int channels, int kernel,
                                    int tokens) {
+    grid_start();
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= channels) return;
     float h[DN_MAX_KERNEL - 1];
@@ -43,6 +44,7 @@ extern "C" __global__ void dn_conv(const float* __restrict__ qkv, int stride, co
 // Grid (tokens, 2 * k_heads): L2-normalise each q and k head in place; q heads are also scaled
 // by 1/sqrt(k_dim).
 extern "C" __global__ void dn_qk_norm(float* __restrict__ mixed, int channels, int k_heads, int k_dim) {
+    grid_start();
     __shared__ float red[32];
     const int t = blockIdx.x, head = blockIdx.y;
     float* x = mixed + (u64)t * channels + (u64)head * k_dim;
@@ -73,6 +75,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
                   int stride, const float* __restrict__ a_log, const float* __restrict__ dt_bias,
                   float* __restrict__ ssm, float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim,
                   int v_dim, int tokens) {
+    grid_start();
     extern __shared__ float smem[];
     float* qs = smem;         // k_dim
     float* ks = smem + k_dim;  // k_dim
@@ -147,6 +150,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
 // Grid (tokens, v_heads): o = rmsnorm(o) * w * silu(z), in place.
 extern "C" __global__ void dn_gated_norm(float* __restrict__ o, const float* __restrict__ z, int stride,
                                          const float* __restrict__ w, int v_heads, int v_dim, float eps) {
+    grid_start();
     __shared__ float red[32];
     const u64 base = (u64)blockIdx.x * v_heads * v_dim + (u64)blockIdx.y * v_dim;
     const float* zh = z + (u64)blockIdx.x * stride + (u64)blockIdx.y * v_dim;

@@ -3,6 +3,7 @@
 // `out = x / rms(x) * (offset + w)` per row of `width`; one block per row.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
                                     int width, float offset, float eps) {
+    grid_start();
     __shared__ float red[32];
     const u64 base = (u64)blockIdx.x * width;
     float ss = 0.0f;
@@ -17,6 +18,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ delta,
                                         const float* __restrict__ w, float* __restrict__ out, int width, float offset,
                                         float eps) {
+    grid_start();
     __shared__ float red[32];
     const u64 base = (u64)blockIdx.x * width;
     float ss = 0.0f;
@@ -31,12 +33,14 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
 }
 
 extern "C" __global__ void add_inplace(float* __restrict__ acc, const float* __restrict__ x, u64 len) {
+    grid_start();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x) acc[i] += x[i];
 }
 
 // xs[i] = x[rows[i]] for rows of `width`.
 extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* __restrict__ rows, int width, int n,
                                        float* __restrict__ xs) {
+    grid_start();
     const int i = blockIdx.x;
     if (i >= n) return;
     const u64 src = (u64)rows[i] * width, dst = (u64)i * width;
@@ -45,6 +49,7 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* _
 
 // gate = silu(gate) * up.
 extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restrict__ up, u64 len) {
+    grid_start();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
         gate[i] = siluf_(gate[i]) * up[i];
 }
@@ -52,6 +57,7 @@ extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restr
 // acc[rows[i]] += scales[i] * y[i]; the rows are distinct.
 extern "C" __global__ void scatter_add(float* __restrict__ acc, const float* __restrict__ y, const u32* __restrict__ rows,
                                        const float* __restrict__ scales, int width, int n) {
+    grid_start();
     const int i = blockIdx.x;
     if (i >= n) return;
     const u64 dst = (u64)rows[i] * width, src = (u64)i * width;

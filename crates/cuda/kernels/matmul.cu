@@ -12,6 +12,7 @@ __device__ __forceinline__ void matvec_impl(const u8* __restrict__ data, const u
                                             const u16* __restrict__ biases, int rows, int cols,
                                             const float* __restrict__ x, int tokens, float* __restrict__ out,
                                             int vec) {
+    grid_start();
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
     if (row >= rows) return;
@@ -52,6 +53,8 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
                                              const u16* __restrict__ biases, int rows, int cols,
                                              const float* __restrict__ x, float* __restrict__ out, int vec) {
     __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
+    // The weights are loaded before waiting for the kernel ahead (they do not depend on it).
+    grid_release();
     const int r0 = blockIdx.x * DEC_ROWS;
     const int nr = min(DEC_ROWS, rows - r0);
     const u64 row_bytes = (u64)cols * Fmt<F>::BITS / 8;
@@ -77,6 +80,7 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
                     }
                 }
             }
+            grid_wait();
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int c = c0 + u * DEC_THREADS;
@@ -90,6 +94,7 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
             }
         }
     } else {
+        grid_wait();
         for (int k = threadIdx.x; k < cols; k += DEC_THREADS) {
             const float xv = x[k];
 #pragma unroll
@@ -97,6 +102,7 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
                 if (i < nr) acc[i] = fmaf(weight_at<F>(data, scales, biases, r0 + i, cols, k), xv, acc[i]);
         }
     }
+    grid_wait();  // for threads that had no chunk
     block_sums<DEC_ROWS>(acc, red);
     if (threadIdx.x < nr) out[r0 + threadIdx.x] = acc[0];
 }
@@ -115,6 +121,7 @@ __device__ __forceinline__ void matmul_tiled_impl(const u8* __restrict__ data, c
                                                   const float* __restrict__ x, int tokens, float* __restrict__ out) {
     __shared__ __align__(16) float ws[TK][TM + TPAD];
     __shared__ __align__(16) float xs[TK][TN + TPAD];
+    grid_start();
     const int tid = threadIdx.x;  // 256 threads
     const int r0 = blockIdx.x * TM, n0 = blockIdx.y * TN;
     const int ty = tid / 16, tx = tid % 16;
@@ -169,6 +176,7 @@ __device__ __forceinline__ void matmul_tiled_impl(const u8* __restrict__ data, c
 template <int F>
 __device__ __forceinline__ void embed_impl(const u8* data, const u16* scales, const u16* biases, int cols,
                                            const u32* tokens, float* out) {
+    grid_start();
     const int t = blockIdx.x;
     const u64 row = tokens[t];
     for (int k = threadIdx.x; k < cols; k += blockDim.x)

@@ -52,6 +52,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const flo
     __shared__ int cand_e[2][NW];
     __shared__ float pick_v[MOE_MAX_SLOTS];
     __shared__ int pick_e[MOE_MAX_SLOTS];
+    grid_start();
     const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float* l = logits + (u64)t * experts;
     float v[ROUTE_PER_THREAD];
@@ -124,6 +125,7 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
                                                  float* __restrict__ h) {
     __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
     __shared__ float sums[2 * DEC_ROWS];
+    grid_start();
     const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS;
     const int nr = min(DEC_ROWS, inter - r0);
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
@@ -175,6 +177,7 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
                                               float* __restrict__ out) {
     __shared__ float w[MOE_MAX_SLOTS];
     __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
+    grid_start();
     if (threadIdx.x < slots) {
         const float v = weights[threadIdx.x];
         w[threadIdx.x] = sigmoid ? sigmoidf_(v) : v;

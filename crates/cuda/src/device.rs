@@ -1,9 +1,10 @@
 //! The device: context, stream, loaded kernels, and a typed launcher per kernel.
 
+use crate::launch::Launch;
 use crate::{Context, Error, Result, loader, ptx};
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PinnedHostSlice,
 };
 use moe_core::shapes::{AttentionShape, DeltaNetShape};
 use moe_core::{DType, Matrix, WeightFormat};
@@ -172,6 +173,8 @@ pub struct Gpu {
     dummy: CudaSlice<u8>,
     name: String,
     capability: (i32, i32),
+    /// Kernels may start before the one ahead of them ends (see `launch.rs`).
+    early_launch: bool,
 }
 
 /// Lets the device's default memory pool (behind stream-ordered allocation) keep what is freed
@@ -261,7 +264,9 @@ impl Gpu {
             functions.insert(k, module.load_function(k).what("looking up a kernel")?);
         }
         let dummy = stream.alloc_zeros::<u8>(16).what("allocating")?;
-        Ok(Gpu { ctx, stream, functions, dummy, name, capability })
+        // FLASH_MOE_EARLY_LAUNCH=0 turns early launches off, to measure what they give.
+        let early_launch = capability.0 >= 9 && std::env::var("FLASH_MOE_EARLY_LAUNCH").ok().is_none_or(|v| v != "0");
+        Ok(Gpu { ctx, stream, functions, dummy, name, capability, early_launch })
     }
 
     /// The same device and kernels on a second stream, for work that can run beside this one's:
@@ -277,6 +282,7 @@ impl Gpu {
             dummy,
             name: self.name.clone(),
             capability: self.capability,
+            early_launch: self.early_launch,
         })
     }
 
@@ -289,6 +295,11 @@ impl Gpu {
     /// Makes the work queued here from now on wait for what is queued on `side` so far.
     pub fn join(&self, side: &Gpu) -> Result<()> {
         side.fork(self)
+    }
+
+    /// A launch of `f` on this stream.
+    fn launch<'a>(&'a self, f: &'a CudaFunction) -> Launch<'a> {
+        Launch::new(&self.stream, f, self.early_launch)
     }
 
     /// The device's name and compute capability, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
@@ -437,7 +448,7 @@ impl Gpu {
         let (data, sc, bi) = self.parts(table);
         let cols = i32_of(table.cols, "cols");
         let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(f);
+        let mut b = self.launch(f);
         b.arg(&data).arg(&sc).arg(&bi).arg(&cols).arg(ids).arg(out);
         unsafe { b.launch(cfg) }.what("launching embed")?;
         Ok(())
@@ -486,7 +497,7 @@ impl Gpu {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = self.stream.launch_builder(f);
+            let mut b = self.launch(f);
             b.arg(&data).arg(&sc).arg(&bi).arg(&rows).arg(&cols).arg(x).arg(&n).arg(out).arg(&vec);
             unsafe { b.launch(cfg) }.what("launching matvec")?;
         } else {
@@ -503,7 +514,7 @@ impl Gpu {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = self.stream.launch_builder(f);
+            let mut b = self.launch(f);
             b.arg(&data).arg(&sc).arg(&bi).arg(&rows).arg(&cols).arg(x).arg(&n).arg(out);
             unsafe { b.launch(cfg) }.what("launching matmul")?;
         }
@@ -526,7 +537,7 @@ impl Gpu {
         }
         assert!(x.len() >= rows * width && out.len() >= rows * width, "rms_norm: buffers too small");
         let (cfg, width_i) = row_blocks(rows, width);
-        let mut b = self.stream.launch_builder(self.f("rms_norm"));
+        let mut b = self.launch(self.f("rms_norm"));
         b.arg(x).arg(w).arg(out).arg(&width_i).arg(&offset).arg(&eps);
         unsafe { b.launch(cfg) }.what("launching rms_norm")?;
         Ok(())
@@ -552,7 +563,7 @@ impl Gpu {
         let len = rows * width;
         assert!(x.len() >= len && delta.len() >= len && out.len() >= len, "add_rms_norm: buffers too small");
         let (cfg, width_i) = row_blocks(rows, width);
-        let mut b = self.stream.launch_builder(self.f("add_rms_norm"));
+        let mut b = self.launch(self.f("add_rms_norm"));
         b.arg(x).arg(delta).arg(w).arg(out).arg(&width_i).arg(&offset).arg(&eps);
         unsafe { b.launch(cfg) }.what("launching add_rms_norm")?;
         Ok(())
@@ -565,7 +576,7 @@ impl Gpu {
         }
         assert!(acc.len() >= len && x.len() >= len, "add: buffers too small");
         let n = len as u64;
-        let mut b = self.stream.launch_builder(self.f("add_inplace"));
+        let mut b = self.launch(self.f("add_inplace"));
         b.arg(acc).arg(x).arg(&n);
         unsafe { b.launch(grid_1d(len, 256)) }.what("launching add")?;
         Ok(())
@@ -622,7 +633,7 @@ impl Gpu {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: (hd * 4) as u32,
         };
-        let mut b = self.stream.launch_builder(self.f("attn_append_kv"));
+        let mut b = self.launch(self.f("attn_append_kv"));
         b.arg(k).arg(v).arg(k_norm).arg(&mut *k_cache).arg(&mut *v_cache);
         b.arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(past_on_device);
         unsafe { b.launch(cfg) }.what("launching attn_append_kv")?;
@@ -633,7 +644,7 @@ impl Gpu {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: ((2 + warps) * hd * 4) as u32,
         };
-        let mut b = self.stream.launch_builder(self.f("attn_decode"));
+        let mut b = self.launch(self.f("attn_decode"));
         b.arg(q).arg(q_norm).arg(&*k_cache).arg(&*v_cache).arg(out);
         b.arg(&heads).arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(past_on_device);
         b.arg(&gated);
@@ -680,7 +691,7 @@ impl Gpu {
         let (kh_i, vh_i, dk_i, dv_i) =
             (i32_of(kh, "k_heads"), i32_of(vh, "v_heads"), i32_of(dk, "k_dim"), i32_of(dv, "v_dim"));
 
-        let mut b = self.stream.launch_builder(self.f("dn_conv"));
+        let mut b = self.launch(self.f("dn_conv"));
         b.arg(proj).arg(&pw_i).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i);
         unsafe { b.launch(grid_1d(cw, 128)) }.what("launching dn_conv")?;
 
@@ -690,7 +701,7 @@ impl Gpu {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(self.f("dn_qk_norm"));
+        let mut b = self.launch(self.f("dn_qk_norm"));
         b.arg(&mut mixed).arg(&cw_i).arg(&kh_i).arg(&dk_i);
         unsafe { b.launch(cfg) }.what("launching dn_qk_norm")?;
 
@@ -699,7 +710,7 @@ impl Gpu {
             block_dim: (32 * DN_SLICES, 1, 1),
             shared_mem_bytes: (2 * dk * 4) as u32,
         };
-        let mut b = self.stream.launch_builder(self.f("dn_recurrence"));
+        let mut b = self.launch(self.f("dn_recurrence"));
         b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
         b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
         unsafe { b.launch(cfg) }.what("launching dn_recurrence")?;
@@ -708,7 +719,7 @@ impl Gpu {
         let eps = p.eps;
         let cfg =
             LaunchConfig { grid_dim: (tokens as u32, vh as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(self.f("dn_gated_norm"));
+        let mut b = self.launch(self.f("dn_gated_norm"));
         b.arg(&mut *out).arg(&z).arg(&pw_i).arg(norm).arg(&vh_i).arg(&dv_i).arg(&eps);
         unsafe { b.launch(cfg) }.what("launching dn_gated_norm")?;
         Ok(())
@@ -745,7 +756,7 @@ impl Gpu {
         let row_cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
 
         let mut xs = self.uninit(n * h)?;
-        let mut b = self.stream.launch_builder(self.f("gather_rows"));
+        let mut b = self.launch(self.f("gather_rows"));
         b.arg(x).arg(&idx).arg(&h_i).arg(&n_i).arg(&mut xs);
         unsafe { b.launch(row_cfg) }.what("launching gather_rows")?;
 
@@ -753,12 +764,12 @@ impl Gpu {
         self.matmul(gate, &xs, n, &mut g)?;
         self.matmul(up, &xs, n, &mut u)?;
         let len = (n * inter) as u64;
-        let mut b = self.stream.launch_builder(self.f("swiglu"));
+        let mut b = self.launch(self.f("swiglu"));
         b.arg(&mut g).arg(&u).arg(&len);
         unsafe { b.launch(grid_1d(n * inter, 256)) }.what("launching swiglu")?;
         self.matmul(down, &g, n, &mut y)?;
 
-        let mut b = self.stream.launch_builder(self.f("scatter_add"));
+        let mut b = self.launch(self.f("scatter_add"));
         b.arg(acc).arg(&y).arg(&idx).arg(&sc).arg(&h_i).arg(&n_i);
         unsafe { b.launch(row_cfg) }.what("launching scatter_add")?;
         Ok(())
@@ -775,7 +786,7 @@ const ROUTE_THREADS: u32 = 128;
 /// `MoeSlots` of moe.cu: part `p` of slot `k` is at `part[k][p]`, or `table[ids[k]] + off[p]`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct MoeSlotsArg {
+pub(crate) struct MoeSlotsArg {
     part: [[u64; 9]; MOE_MAX_SLOTS],
     off: [u64; 9],
     table: u64,
@@ -890,7 +901,7 @@ impl Gpu {
         let (e, k_i, norm) = (i32_of(experts, "experts"), k as i32, norm as i32);
         let cfg =
             LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (ROUTE_THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(self.f("route_topk"));
+        let mut b = self.launch(self.f("route_topk"));
         b.arg(logits).arg(&e).arg(&k_i).arg(&norm).arg(ids).arg(weights);
         unsafe { b.launch(cfg) }.what("launching route_topk")?;
         Ok(())
@@ -946,7 +957,7 @@ impl Gpu {
             block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.functions[name.as_str()]);
+        let mut b = self.launch(&self.functions[name.as_str()]);
         b.arg(&arg).arg(x).arg(&hidden_i).arg(&inter_i).arg(&mut *h);
         unsafe { b.launch(cfg) }.what("launching moe_gate_up")?;
         if let Some(side) = join {
@@ -958,7 +969,7 @@ impl Gpu {
             block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.functions[name.as_str()]);
+        let mut b = self.launch(&self.functions[name.as_str()]);
         b.arg(&arg).arg(&slots_i).arg(&*h).arg(&hidden_i).arg(&inter_i).arg(weights).arg(&sig).arg(out);
         unsafe { b.launch(cfg) }.what("launching moe_down")?;
         Ok(())

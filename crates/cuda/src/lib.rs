@@ -9,6 +9,7 @@
 mod device;
 mod experts;
 mod graph;
+mod launch;
 mod loader;
 mod pinned;
 mod ptx;
