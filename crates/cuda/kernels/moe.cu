@@ -231,7 +231,8 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
 }
 
 #define DEFINE_MOE(NAME, F)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                    \
+    /* Four blocks per SM (128 registers), which 2-bit codes cannot have without spilling. */                  \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, Fmt<F>::BITS == 2 ? 2 : 4)                        \
         moe_gate_up_##NAME(const MoeSlots m, const float* x, int hidden, int inter, float* h) {                   \
         moe_gate_up_impl<F>(m, x, hidden, inter, h);                                                              \
     }                                                                                                             \
