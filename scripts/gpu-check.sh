@@ -13,7 +13,8 @@
 #   GPU_CHECK_RUNS="1 1e" scripts/gpu-check.sh --bench L
 #                                    # only the named benchmarks (default: all, "k 1 1e 2 3 4";
 #                                    # k is kernel_bench, 1e is run 1 without CUDA graphs, 1n
-#                                    # without early launches (FLASH_MOE_EARLY_LAUNCH=0); p,
+#                                    # without early launches (FLASH_MOE_EARLY_LAUNCH=0), 1b
+#                                    # without bulk copies (FLASH_MOE_BULK=0); p,
 #                                    # not in the default, profiles run 1's kernels with ncu at
 #                                    # the clocks and caches of a normal run)
 #   GPU_CHECK_TESTS=0 scripts/gpu-check.sh --bench L
@@ -130,6 +131,7 @@ bench() {
     fi
     wanted 1e && step 150 "$bin" bench "${common[@]}" "${resident[@]}" --no-graphs
     wanted 1n && step 150 env FLASH_MOE_EARLY_LAUNCH=0 "$bin" bench "${common[@]}" "${resident[@]}"
+    wanted 1b && step 150 env FLASH_MOE_BULK=0 "$bin" bench "${common[@]}" "${resident[@]}"
     wanted 1 && [[ -n "$base" ]] && step 150 "$base/flash-moe" bench "${common[@]}" "${resident[@]}"
     # p. Every kernel of run 1 (one-token prompt, three decoded tokens, no graphs) under Nsight
     #    Compute: time, DRAM and SM throughput per kernel name, summed over the four steps.

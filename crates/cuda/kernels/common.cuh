@@ -237,6 +237,14 @@ __device__ __forceinline__ uint2 load_sb(const u16* __restrict__ sc, const u16* 
     return make_uint2(__ldg(sc + g), __ldg(bi + g));
 }
 
+// `load_sb` from scales and biases in shared memory (bulk copied).
+template <int F>
+__device__ __forceinline__ uint2 staged_sb(const u16* sc, const u16* bi, int c) {
+    if (!Fmt<F>::AFFINE) return make_uint2(0, 0);
+    const int g = (c * Chunk<F>::E) / GROUP;
+    return make_uint2(sc[g], bi[g]);
+}
+
 // The codes of a 4- or 2-bit chunk as floats 1 + code / 128, lowest first: the masked byte with its
 // top bit set, code | 0x80, placed by one byte permute under the exponent byte 0x3F. One
 // instruction per code instead of the two of `byte_to_f32`; the sum of the inputs, which the offset
@@ -285,6 +293,88 @@ __device__ __forceinline__ float dot_chunk(uint4 raw, uint2 sb, const float* xr,
         return fmaf(bf16_to_f32(sb.x) * 128.0f, a - xsum, bf16_to_f32(sb.y) * xsum);
     else if constexpr (Fmt<F>::AFFINE) return fmaf(bf16_to_f32(sb.x), a, bf16_to_f32(sb.y) * xsum);
     else return a;
+}
+
+// ---- Bulk copies (sm_90 TMA): a block's weights brought into shared memory by a few copy
+// instructions of one thread, instead of 16-byte loads by every thread into registers. All the
+// bytes are in flight at once, no registers hold them while they arrive, and the kernels need
+// fewer registers, so more blocks fit an SM. The copies complete on an mbarrier in shared memory.
+// Addresses and sizes must be multiples of 16 (the host checks: `Gpu::bulk_rows`).
+
+__device__ __forceinline__ u32 smem_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// Readies `bar` for one phase: one arrival (`bulk_expect`) plus the bytes of the copies.
+__device__ __forceinline__ void bulk_init(u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// The arrival on `bar`, announcing `bytes` of copies.
+__device__ __forceinline__ void bulk_expect(u64* bar, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+                 : "memory");
+#endif
+}
+
+// Copies `bytes` from global `src` to shared `dst`, completing on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_address(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_address(bar))
+                 : "memory");
+#endif
+}
+
+// Waits until the copies on `bar` (first phase) have landed.
+__device__ __forceinline__ void bulk_wait(u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+        "@!done bra WAIT_%=;\n"
+        "}" ::"r"(smem_address(bar))
+        : "memory");
+#endif
+}
+
+// A row group in shared memory: the codes of DEC_ROWS rows (`row_bytes` each), then their scales
+// and their biases (`groups` each; affine formats), as `stage_rows` copies them.
+template <int F>
+struct StagedRows {
+    const u8* base;
+    u32 row_bytes;
+    int groups;
+    __device__ static u32 size(u32 row_bytes, int groups) {
+        return DEC_ROWS * (row_bytes + (Fmt<F>::AFFINE ? 4 * groups : 0));
+    }
+    // The bytes `stage_rows` copies for `nr` rows.
+    __device__ static u32 copied(u32 row_bytes, int groups, int nr) {
+        return nr * (row_bytes + (Fmt<F>::AFFINE ? 4 * groups : 0));
+    }
+    __device__ uint4 chunk(int row, int c) const { return ((const uint4*)(base + row * row_bytes))[c]; }
+    __device__ uint2 sb(int row, int c) const {
+        const u16* sc = (const u16*)(base + DEC_ROWS * row_bytes);
+        return staged_sb<F>(sc + row * groups, sc + DEC_ROWS * groups + row * groups, c);
+    }
+};
+
+// Bulk-copies rows [r0, r0 + nr) of a matrix (codes, scales, biases) into `dst` in the layout of
+// `StagedRows`, completing on `bar`.
+template <int F>
+__device__ __forceinline__ void stage_rows(u8* dst, const u8* codes, const u16* scales, const u16* biases,
+                                           u32 row_bytes, int groups, int r0, int nr, u64* bar) {
+    bulk_copy(dst, codes + (u64)r0 * row_bytes, nr * row_bytes, bar);
+    if (Fmt<F>::AFFINE) {
+        u16* sc = (u16*)(dst + DEC_ROWS * row_bytes);
+        bulk_copy(sc, scales + (u64)r0 * groups, nr * groups * 2, bar);
+        bulk_copy(sc + DEC_ROWS * groups, biases + (u64)r0 * groups, nr * groups * 2, bar);
+    }
 }
 
 // Sums v[0..n) over the block (DEC_THREADS threads); thread i < n gets sum i. `red` holds

@@ -107,6 +107,43 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
     if (threadIdx.x < nr) out[r0 + threadIdx.x] = acc[0];
 }
 
+// One token, a block per DEC_ROWS rows as `matvec1_impl`, the rows' codes, scales and biases
+// brought into shared memory by bulk copies (see `bulk_copy`), issued before waiting for the kernel
+// ahead. Shared memory: `StagedRows::size`.
+template <int F>
+__device__ __forceinline__ void matvec1_bulk_impl(const u8* __restrict__ data, const u16* __restrict__ scales,
+                                                  const u16* __restrict__ biases, int rows, int cols,
+                                                  const float* __restrict__ x, float* __restrict__ out) {
+    extern __shared__ __align__(128) u8 stage[];
+    __shared__ __align__(8) u64 bar;
+    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
+    const int r0 = blockIdx.x * DEC_ROWS;
+    const int nr = min(DEC_ROWS, rows - r0);
+    const StagedRows<F> w{stage, (u32)((u64)cols * Fmt<F>::BITS / 8), cols / GROUP};
+    if (threadIdx.x == 0) {
+        bulk_init(&bar);
+        bulk_expect(&bar, StagedRows<F>::copied(w.row_bytes, w.groups, nr));
+        stage_rows<F>(stage, data, scales, biases, w.row_bytes, w.groups, r0, nr, &bar);
+    }
+    grid_release();
+    __syncthreads();  // the barrier is initialised
+    grid_wait();
+    bulk_wait(&bar);
+    float acc[DEC_ROWS];
+#pragma unroll
+    for (int i = 0; i < DEC_ROWS; i++) acc[i] = 0.0f;
+    const int chunks = (int)(w.row_bytes / 16);
+    for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
+        float xr[Chunk<F>::E];
+        const float xsum = load_x<F>(x, c, xr);
+#pragma unroll
+        for (int i = 0; i < DEC_ROWS; i++)
+            if (i < nr) acc[i] += dot_chunk<F>(w.chunk(i, c), w.sb(i, c), xr, xsum);
+    }
+    block_sums<DEC_ROWS>(acc, red);
+    if (threadIdx.x < nr) out[r0 + threadIdx.x] = acc[0];
+}
+
 // ---- Many tokens: 64 rows x 64 tokens per block, weights dequantised once per tile into
 // shared memory, 4x4 outputs per thread, fp32 FMA.
 
@@ -194,6 +231,11 @@ __device__ __forceinline__ void embed_impl(const u8* data, const u16* scales, co
         matvec1_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x, \
                        int tokens, float* out, int vec) {                                                          \
         matvec1_impl<F>(data, scales, biases, rows, cols, x, out, vec);                                            \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                     \
+        matvec1_bulk_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x, \
+                            float* out) {                                                                          \
+        matvec1_bulk_impl<F>(data, scales, biases, rows, cols, x, out);                                            \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                                             \
         matmul_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols, const float* x,  \

@@ -111,6 +111,27 @@ fn cuda_matmul_every_format() {
     }
 }
 
+/// One token through a matrix tall enough for the bulk-copy kernel (on sm_90 its rows are copied
+/// into shared memory; see `moe_cuda::BULK_MIN_ROWS`), with a last row group of one row.
+#[test]
+fn cuda_matvec_tall_matrix() {
+    let Some(g) = gpu("cuda_matvec_tall_matrix", Budget::Auto) else { return };
+    let cpu = CpuBackend;
+    let mut rng = Rng(2);
+    let (rows, cols) = (moe_cuda::BULK_MIN_ROWS + 1, 512);
+    for format in FORMATS {
+        let m = random_matrix(&mut rng, format, rows, cols);
+        let (wc, wg) = (cpu.weight(&m).unwrap(), g.weight(&m).unwrap());
+        let x = rng.vec(cols, 1.0);
+        let mut oc = cpu.zeros(rows);
+        cpu.matmul(&wc, &x, 1, &mut oc);
+        let mut og = g.zeros(rows);
+        g.matmul(&wg, &g.tensor(&x), 1, &mut og);
+        let what = format!("matvec {} {rows}x{cols}", format.name());
+        assert_close(&what, &g.read(&og, rows), &oc, TOL);
+    }
+}
+
 #[test]
 fn cuda_embed_every_format() {
     let Some(g) = gpu("cuda_embed_every_format", Budget::Auto) else { return };
