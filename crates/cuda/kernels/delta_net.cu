@@ -9,15 +9,16 @@
 extern "C" __global__ void dn_conv(const float* __restrict__ qkv, int stride, const float* __restrict__ w,
                                    float* __restrict__ hist, float* __restrict__ mixed, int channels, int kernel,
                                    int tokens) {
-    grid_start();
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= channels) return;
-    float h[DN_MAX_KERNEL - 1];
+    // The weights before waiting for the kernel ahead (no kernel writes them).
     float wk[DN_MAX_KERNEL];
 #pragma unroll
-    for (int j = 0; j < DN_MAX_KERNEL - 1; j++) h[j] = j < kernel - 1 ? hist[(u64)j * channels + ch] : 0.0f;
+    for (int j = 0; j < DN_MAX_KERNEL; j++) wk[j] = j < kernel && ch < channels ? w[(u64)ch * kernel + j] : 0.0f;
+    grid_start();
+    if (ch >= channels) return;
+    float h[DN_MAX_KERNEL - 1];
 #pragma unroll
-    for (int j = 0; j < DN_MAX_KERNEL; j++) wk[j] = j < kernel ? w[(u64)ch * kernel + j] : 0.0f;
+    for (int j = 0; j < DN_MAX_KERNEL - 1; j++) h[j] = j < kernel - 1 ? hist[(u64)j * channels + ch] : 0.0f;
     for (int t = 0; t < tokens; t++) {
         const float in = qkv[(u64)t * stride + ch];
         float acc = 0.0f, last = 0.0f;

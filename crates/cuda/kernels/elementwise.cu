@@ -1,16 +1,43 @@
 // Norms and the small data-movement kernels.
 
+// The norm weights a thread uses (elements threadIdx.x + i * blockDim.x), loaded before waiting
+// for the kernel ahead: weights are never written by kernels, and the load's round trip then
+// overlaps the wait instead of following the sum.
+#define NORM_HELD 8
+
+__device__ __forceinline__ void load_norm_weights(const float* __restrict__ w, int width, float* held) {
+#pragma unroll
+    for (int i = 0; i < NORM_HELD; i++) {
+        const int j = threadIdx.x + i * blockDim.x;
+        held[i] = j < width ? w[j] : 0.0f;
+    }
+}
+
+// out = x * inv * (offset + w) over a row, with the weights from `load_norm_weights`.
+__device__ __forceinline__ void write_normed(const float* __restrict__ x, const float* __restrict__ w,
+                                             const float* held, int width, float inv, float offset,
+                                             float* __restrict__ out) {
+#pragma unroll
+    for (int i = 0; i < NORM_HELD; i++) {
+        const int j = threadIdx.x + i * blockDim.x;
+        if (j < width) out[j] = x[j] * inv * (offset + held[i]);
+    }
+    for (int j = threadIdx.x + NORM_HELD * blockDim.x; j < width; j += blockDim.x) out[j] = x[j] * inv * (offset + w[j]);
+}
+
 // `out = x / rms(x) * (offset + w)` per row of `width`; one block per row.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
                                     int width, float offset, float eps) {
-    grid_start();
     __shared__ float red[32];
+    float held[NORM_HELD];
+    load_norm_weights(w, width, held);
+    grid_start();
     const u64 base = (u64)blockIdx.x * width;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < width; j += blockDim.x) ss = fmaf(x[base + j], x[base + j], ss);
     const float total = block_sum(ss, red);
     const float inv = 1.0f / sqrtf(total / (float)width + eps);
-    for (int j = threadIdx.x; j < width; j += blockDim.x) out[base + j] = x[base + j] * inv * (offset + w[j]);
+    write_normed(x + base, w, held, width, inv, offset, out + base);
 }
 
 // x += delta, then out = x / rms(x) * (offset + w), per row of `width`: the residual add and the
@@ -18,8 +45,10 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ delta,
                                         const float* __restrict__ w, float* __restrict__ out, int width, float offset,
                                         float eps) {
-    grid_start();
     __shared__ float red[32];
+    float held[NORM_HELD];
+    load_norm_weights(w, width, held);
+    grid_start();
     const u64 base = (u64)blockIdx.x * width;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < width; j += blockDim.x) {
@@ -29,7 +58,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
     }
     const float total = block_sum(ss, red);
     const float inv = 1.0f / sqrtf(total / (float)width + eps);
-    for (int j = threadIdx.x; j < width; j += blockDim.x) out[base + j] = x[base + j] * inv * (offset + w[j]);
+    write_normed(x + base, w, held, width, inv, offset, out + base);
 }
 
 extern "C" __global__ void add_inplace(float* __restrict__ acc, const float* __restrict__ x, u64 len) {
