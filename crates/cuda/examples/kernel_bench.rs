@@ -108,6 +108,7 @@ fn main() {
             gpu.moe_token(
                 &shape,
                 MoeExperts::Listed(set),
+                1,
                 &x,
                 &weights,
                 false,

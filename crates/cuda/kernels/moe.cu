@@ -21,8 +21,10 @@ struct MoeSlots {
     const int* ids;
 };
 
-__device__ __forceinline__ const u8* slot_part(const MoeSlots& m, int k, int p) {
-    return (const u8*)(m.table ? m.table[m.ids[k]] + m.off[p] : m.part[k][p]);
+// Part p of slot k of a token whose chosen ids are `ids` (unused without a table: every token
+// takes the listed experts).
+__device__ __forceinline__ const u8* slot_part(const MoeSlots& m, const int* ids, int k, int p) {
+    return (const u8*)(m.table ? m.table[ids[k]] + m.off[p] : m.part[k][p]);
 }
 
 __device__ __forceinline__ void warp_argmax(float* v, int* e) {
@@ -117,8 +119,9 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const flo
     }
 }
 
-// h[k][r] = silu(gate_k[r] . x) * (up_k[r] . x) for slot k = blockIdx.y and DEC_ROWS rows r per
-// block: each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS up chunks. (Two rows
+// h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
+// k = blockIdx.y and DEC_ROWS rows r per block (`ids`, when a table is given, holds each token's
+// gridDim.y chosen experts): each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS up chunks. (Two rows
 // per block, for fewer registers and more blocks, measured 4% slower on the H100.)
 template <int F>
 __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
@@ -126,16 +129,19 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
     __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
     __shared__ float sums[2 * DEC_ROWS];
     grid_start();
-    const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS;
+    const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS, slots = gridDim.y, t = blockIdx.z;
     const int nr = min(DEC_ROWS, inter - r0);
+    const int* ids = m.table ? m.ids + t * slots : nullptr;
+    x += (u64)t * hidden;
+    h += (u64)t * slots * inter;
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
-    const u8* gw = slot_part(m, k, 0);
-    const u8* uw = slot_part(m, k, 3);
-    const u16* gs = (const u16*)slot_part(m, k, 1);
-    const u16* gb = (const u16*)slot_part(m, k, 2);
-    const u16* us = (const u16*)slot_part(m, k, 4);
-    const u16* ub = (const u16*)slot_part(m, k, 5);
+    const u8* gw = slot_part(m, ids, k, 0);
+    const u8* uw = slot_part(m, ids, k, 3);
+    const u16* gs = (const u16*)slot_part(m, ids, k, 1);
+    const u16* gb = (const u16*)slot_part(m, ids, k, 2);
+    const u16* us = (const u16*)slot_part(m, ids, k, 4);
+    const u16* ub = (const u16*)slot_part(m, ids, k, 5);
     float acc[2 * DEC_ROWS];
 #pragma unroll
     for (int i = 0; i < 2 * DEC_ROWS; i++) acc[i] = 0.0f;
@@ -168,8 +174,9 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
     if (threadIdx.x < nr) h[(u64)k * inter + r0 + threadIdx.x] = siluf_(sums[threadIdx.x]) * sums[DEC_ROWS + threadIdx.x];
 }
 
-// out[r] += sum over slots k of w_k * (down_k[r] . h[k]), w_k = weights[k] (or its sigmoid when
-// `sigmoid`, for the gated shared expert), for DEC_ROWS rows r per block. The block's threads share
+// out[t][r] += sum over slots k of w_k * (down_k[r] . h[t][k]), w_k = weights[t][k] (or its
+// sigmoid when `sigmoid`, for the gated shared expert), for token t = blockIdx.y and DEC_ROWS rows
+// r per block. The block's threads share
 // the (slot, chunk) pairs; each loads a chunk of h[k] once for DEC_ROWS rows, two pairs in flight.
 template <int F>
 __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, const float* __restrict__ h, int hidden,
@@ -178,6 +185,11 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
     __shared__ float w[MOE_MAX_SLOTS];
     __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
     grid_start();
+    const int t = blockIdx.y;
+    const int* ids = m.table ? m.ids + t * slots : nullptr;
+    h += (u64)t * slots * inter;
+    weights += t * slots;
+    out += (u64)t * hidden;
     if (threadIdx.x < slots) {
         const float v = weights[threadIdx.x];
         w[threadIdx.x] = sigmoid ? sigmoidf_(v) : v;
@@ -200,9 +212,9 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
             const int it = it0 + u * DEC_THREADS;
             if (it < items) {
                 const int k = it / chunks, c = it - k * chunks;
-                const u8* d = slot_part(m, k, 6);
-                const u16* sc = (const u16*)slot_part(m, k, 7);
-                const u16* bi = (const u16*)slot_part(m, k, 8);
+                const u8* d = slot_part(m, ids, k, 6);
+                const u16* sc = (const u16*)slot_part(m, ids, k, 7);
+                const u16* bi = (const u16*)slot_part(m, ids, k, 8);
 #pragma unroll
                 for (int i = 0; i < DEC_ROWS; i++) {
                     if (i < nr) {

@@ -78,6 +78,8 @@ const MV_ROWS_PER_BLOCK: u32 = 8;
 /// The one-token kernels' blocks: `DEC_ROWS` rows by `DEC_THREADS` threads (common.cuh).
 const DEC_ROWS: u32 = 4;
 const DEC_THREADS: u32 = 128;
+/// The most tokens one fused MoE launch takes (a grid dimension).
+pub const MOE_MAX_TOKENS: usize = 65535;
 /// The fewest rows a one-token matvec bulk-copies (`bulk_rows`). Measured on an H200: the output
 /// head (248320 rows, 62080 blocks) ran 16% faster with bulk copies, while matrices of a few
 /// thousand rows ran as fast or slower (4096 x 8192: 21.8 us against 17.2), and so did the fused
@@ -972,15 +974,18 @@ impl Gpu {
         Ok(())
     }
 
-    /// SwiGLU experts of one token in two launches: `out += sum_k w_k * down_k(silu(gate_k x) *
-    /// up_k x)`, `w_k = weights[k]` (or its sigmoid when `sigmoid`: the gated shared expert).
-    /// `h` is scratch of `slots x inter` values. The down launch, which adds to `out`, first
-    /// [joins](Self::join) `join`: work there may add to `out` too (the shared expert).
+    /// SwiGLU experts of `tokens` tokens in two launches: `out[t] += sum_k w_tk * down_k(silu(gate_k
+    /// x[t]) * up_k x[t])`, `w_tk = weights[t * slots + k]` (or its sigmoid when `sigmoid`: the
+    /// gated shared expert). Listed experts serve every token; a table's `ids` hold each token's
+    /// `slots` choices in turn. `h` is scratch of `tokens x slots x inter` values. The down launch,
+    /// which adds to `out`, first [joins](Self::join) `join`: work there may add to `out` too (the
+    /// shared expert).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_token(
         &self,
         shape: &MoeShape,
         experts: MoeExperts<'_>,
+        tokens: usize,
         x: &CudaSlice<f32>,
         weights: &CudaSlice<f32>,
         sigmoid: bool,
@@ -998,27 +1003,32 @@ impl Gpu {
                 list.len()
             }
             MoeExperts::Table { table, ids, slots, off } => {
-                assert!(ids.len() >= *slots, "moe_token: fewer ids than slots");
+                assert!(ids.len() >= tokens * *slots, "moe_token: fewer ids than tokens x slots");
                 arg.off = *off;
                 arg.table = table.device_ptr(&self.stream).0;
                 arg.ids = ids.device_ptr(&self.stream).0;
                 *slots
             }
         };
-        if slots == 0 {
+        if slots == 0 || tokens == 0 {
             return join.map_or(Ok(()), |side| self.join(side));
         }
         if slots > MOE_MAX_SLOTS {
             return Err(Error::Unsupported(format!("{slots} experts in one launch")));
         }
         let MoeShape { gate, down, hidden, inter } = *shape;
-        assert!(x.len() >= hidden && out.len() >= hidden, "moe_token: x/out too small");
-        assert!(h.len() >= slots * inter && weights.len() >= slots, "moe_token: scratch too small");
+        assert!(x.len() >= tokens * hidden && out.len() >= tokens * hidden, "moe_token: x/out too small");
+        let pairs = tokens * slots;
+        assert!(h.len() >= pairs * inter && weights.len() >= pairs, "moe_token: scratch or weights too small");
+        if tokens > MOE_MAX_TOKENS {
+            return Err(Error::Unsupported(format!("{tokens} tokens in one MoE launch (at most {MOE_MAX_TOKENS})")));
+        }
+        let tokens_u = tokens as u32;
         let (hidden_i, inter_i, slots_i, sig) =
             (i32_of(hidden, "hidden"), i32_of(inter, "inter"), slots as i32, sigmoid as i32);
         let name = format!("moe_gate_up_{}", format_suffix(gate));
         let cfg = LaunchConfig {
-            grid_dim: ((inter as u32).div_ceil(DEC_ROWS), slots as u32, 1),
+            grid_dim: ((inter as u32).div_ceil(DEC_ROWS), slots as u32, tokens_u),
             block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1030,7 +1040,7 @@ impl Gpu {
         }
         let name = format!("moe_down_{}", format_suffix(down));
         let cfg = LaunchConfig {
-            grid_dim: ((hidden as u32).div_ceil(DEC_ROWS), 1, 1),
+            grid_dim: ((hidden as u32).div_ceil(DEC_ROWS), tokens_u, 1),
             block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -243,17 +243,19 @@ pub trait Backend: Send + Sync {
         host_gated_expert(self, [gate, up, down], gate_logit, x, tokens, acc)
     }
 
-    /// The routed experts of `layer` for one token, routed on the device: the top-k of `logits`
-    /// (`[1, experts]`) fetched through `store` where the device lacks them, their weighted outputs
-    /// added to `acc`. `shared` queues the shared expert's contribution to `acc`; the backend calls
-    /// it once, at the point where it best overlaps the experts' arrival. Returns how many experts
-    /// were used, or `None` (having called nothing) where the backend has no such path: the model
-    /// then routes on the host and calls [`expert_ffn`](Self::expert_ffn).
+    /// The routed experts of `layer` for `tokens` tokens, routed on the device: the top-k of each
+    /// row of `logits` (`[tokens, experts]`) fetched through `store` where the device lacks them,
+    /// their weighted outputs added to `acc` (`[tokens, hidden]`, as `x`). `shared` queues the
+    /// shared expert's contribution to `acc`; the backend calls it once, at the point where it best
+    /// overlaps the experts' arrival. Returns how many expert uses there were, or `None` (having
+    /// called nothing) where the backend has no such path: the model then routes on the host and
+    /// calls [`expert_ffn`](Self::expert_ffn).
     #[allow(clippy::too_many_arguments)]
     fn routed_experts_on_device(
         &self,
         _layer: usize,
         _routing: &Routing,
+        _tokens: usize,
         _logits: &Self::Tensor,
         _x: &Self::Tensor,
         _store: &dyn ExpertSource,

@@ -32,7 +32,8 @@ use crate::backend::*;
 use anyhow::Result;
 use moe_core::Matrix;
 use moe_cuda::{
-    CudaSlice, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS, expert_parts, part_offsets,
+    CudaSlice, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MOE_MAX_TOKENS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS, expert_parts,
+    part_offsets,
 };
 use moe_store::{Budget, Expert, ExpertSource};
 use std::collections::HashMap;
@@ -239,18 +240,20 @@ impl CudaBackend {
         k > 0 && k <= MOE_MAX_SLOTS.min(experts) && experts <= ROUTE_MAX_EXPERTS
     }
 
-    /// Queues the experts of `layer` chosen on the device (`ids`, `weights`) through the layer's
-    /// address table, if every expert of the layer is resident: in GPU memory, or, with `host`,
-    /// in that store's page-locked RAM (read in place over the bus). False if not.
+    /// Queues the experts of `layer` chosen on the device for `tokens` tokens (`ids`, `weights`)
+    /// through the layer's address table, if every expert of the layer is resident: in GPU memory,
+    /// or, with `host`, in that store's page-locked RAM (read in place over the bus); the shared
+    /// expert goes on the side stream beside them. False, having queued nothing, if not.
     #[allow(clippy::too_many_arguments)]
     fn table_experts(
         &self,
         layer: usize,
         experts: usize,
-        k: usize,
+        (tokens, k): (usize, usize),
         r: &RouteBuffers,
         x: &CudaSlice<f32>,
         host: Option<&dyn ExpertSource>,
+        shared: &dyn Fn(&mut CudaSlice<f32>),
         acc: &mut CudaSlice<f32>,
     ) -> Result<bool> {
         let generation = self.tier.generation();
@@ -267,14 +270,17 @@ impl CudaBackend {
             slot.insert(table);
         }
         let t = &tables.layers[&layer];
-        self.with_hidden(k * t.shape.inter, |h| {
+        // The shared expert on the side stream, beside the routed experts' gate and up launch;
+        // their down launch joins it (both add to `acc`).
+        self.beside(|| shared(acc))?;
+        self.with_hidden(tokens * k * t.shape.inter, |h| {
             let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
-            self.gpu.moe_token(&t.shape, experts, x, &r.weights, false, h, Some(&self.side), acc)
+            self.gpu.moe_token(&t.shape, experts, tokens, x, &r.weights, false, h, Some(&self.side), acc)
         })?;
-        let k = k as u64;
+        let uses = (tokens * k) as u64;
         match t.host_bytes {
-            0 => self.tier.count(k, 0, 0),
-            bytes => self.tier.count(0, k, k * bytes),
+            0 => self.tier.count(uses, 0, 0),
+            bytes => self.tier.count(0, uses, uses * bytes),
         }
         Ok(true)
     }
@@ -632,10 +638,10 @@ impl Backend for CudaBackend {
         tokens: usize,
         acc: &mut CudaSlice<f32>,
     ) {
-        if let (1, Ok(shape)) = (tokens, MoeShape::of_device(&[gate, up, down])) {
+        if let (true, Ok(shape)) = (tokens <= MOE_MAX_TOKENS, MoeShape::of_device(&[gate, up, down])) {
             let parts = [expert_parts(&self.gpu, &[gate, up, down])];
-            let fused = self.with_hidden(gate.rows, |h| {
-                self.queue().moe_token(&shape, MoeExperts::Listed(&parts), x, gate_logit, true, h, None, acc)
+            let fused = self.with_hidden(tokens * gate.rows, |h| {
+                self.queue().moe_token(&shape, MoeExperts::Listed(&parts), tokens, x, gate_logit, true, h, None, acc)
             });
             return ok(fused, "shared expert");
         }
@@ -646,6 +652,7 @@ impl Backend for CudaBackend {
         &self,
         layer: usize,
         routing: &Routing,
+        tokens: usize,
         logits: &CudaSlice<f32>,
         x: &CudaSlice<f32>,
         store: &dyn ExpertSource,
@@ -653,22 +660,13 @@ impl Backend for CudaBackend {
         acc: &mut CudaSlice<f32>,
     ) -> Result<Option<usize>> {
         let (experts, k) = (routing.experts, routing.top_k);
-        if !self.routes_on_device(routing) {
+        if !self.routes_on_device(routing) || tokens == 0 || tokens > MOE_MAX_TOKENS {
             return if self.recording() { Err(NotRecordable.into()) } else { Ok(None) };
         }
-        let mut routes = self.routes.lock().unwrap();
-        if routes.as_ref().is_none_or(|r| r.ids.len() < k) {
-            if self.recording() {
-                return Err(NotRecordable.into());
-            }
-            let g = &self.gpu;
-            *routes = Some(RouteBuffers { ids: g.zeros_i32(k)?, weights: g.zeros(k)?, host_ids: g.pinned_i32(k)? });
-            self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
-        }
-        let r = routes.as_mut().unwrap();
-        self.gpu.route_topk(logits, 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
-
         // Every expert resident: in GPU memory, or, without a VRAM tier, in the store's RAM.
+        // Several tokens (prefill) take the device path only with every expert in GPU memory: the
+        // fused kernels read each token's experts anew, which costs little there but over PCIe
+        // costs more than uploading each distinct expert once (the host path).
         let all = routing.layers * experts;
         let tier = self.tier.stats();
         let resident = if tier.resident_experts >= all {
@@ -678,15 +676,29 @@ impl Backend for CudaBackend {
         } else {
             None
         };
-        if let Some(host) = resident {
-            // The shared expert on the side stream, beside the routed experts' gate and up
-            // launch; their down launch joins it (both add to `acc`).
-            self.beside(|| shared(acc))?;
-            let done = self.table_experts(layer, experts, k, r, x, host, acc)?;
-            if done {
-                return Ok(Some(k));
+        if tokens > 1 && !matches!(resident, Some(None)) {
+            return Ok(None);
+        }
+        let mut routes = self.routes.lock().unwrap();
+        if routes.as_ref().is_none_or(|r| r.ids.len() < tokens * k) {
+            if self.recording() {
+                return Err(NotRecordable.into());
             }
-            self.gpu.join(&self.side)?;
+            let (g, n) = (&self.gpu, tokens * k);
+            *routes = Some(RouteBuffers { ids: g.zeros_i32(n)?, weights: g.zeros(n)?, host_ids: g.pinned_i32(n)? });
+            self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
+        }
+        let r = routes.as_mut().unwrap();
+        self.gpu.route_topk(logits, tokens, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
+        if let Some(host) = resident
+            && self.table_experts(layer, experts, (tokens, k), r, x, host, shared, acc)?
+        {
+            return Ok(Some(tokens * k));
+        }
+        if tokens > 1 {
+            // The layer's experts have no common table (shapes or layouts differ): route on the
+            // host. The top-k just queued is left unread.
+            return Ok(None);
         }
 
         if self.recording() {
@@ -696,9 +708,7 @@ impl Backend for CudaBackend {
         let ids: Vec<usize> = self.gpu.read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
         let missing: Vec<usize> = ids.iter().copied().filter(|&e| !self.tier.contains(layer, e)).collect();
         store.prefetch(layer, &missing);
-        if resident.is_none() {
-            shared(acc);
-        }
+        shared(acc);
         let mut fetched: HashMap<usize, Expert> =
             missing.iter().copied().zip(store.experts(layer, &missing)?).collect();
         // Each chosen expert from GPU memory (a hit, or uploaded now), or, where the tier keeps
@@ -735,7 +745,7 @@ impl Backend for CudaBackend {
             .ok_or_else(|| anyhow::anyhow!("the experts of layer {layer} differ in shape or format: {shapes:?}"))?;
         let parts: Vec<[u64; 9]> = slots.iter().map(|s| s.parts(&self.gpu)).collect();
         self.with_hidden(k * shape.inter, |h| {
-            self.gpu.moe_token(&shape, MoeExperts::Listed(&parts), x, &r.weights, false, h, None, acc)
+            self.gpu.moe_token(&shape, MoeExperts::Listed(&parts), 1, x, &r.weights, false, h, None, acc)
         })?;
         let host: Vec<Matrix> = slots
             .into_iter()

@@ -485,13 +485,11 @@ impl<B: Backend> Model<B> {
                 self.shared_expert(s, x, n, acc);
             }
         };
-        if n == 1 {
-            let (routing, store) = (Routing::of(c), &*self.experts);
-            if let Some(uses) = b.routed_experts_on_device(layer, &routing, &logits, x, store, &shared, &mut acc)? {
-                clock.lap(&mut prof.experts);
-                prof.expert_uses += uses;
-                return Ok(acc);
-            }
+        let (routing, store) = (Routing::of(c), &*self.experts);
+        if let Some(uses) = b.routed_experts_on_device(layer, &routing, n, &logits, x, store, &shared, &mut acc)? {
+            clock.lap(&mut prof.experts);
+            prof.expert_uses += uses;
+            return Ok(acc);
         }
         let logits = b.read(&logits, n * c.experts);
         let mut routes: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();

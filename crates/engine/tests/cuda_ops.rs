@@ -432,7 +432,8 @@ fn cuda_routed_experts_on_device() {
                     let shared = |_: &mut _| calls.set(calls.get() + 1);
                     let before = g.vram_stats();
                     let fetched = store.2.load(std::sync::atomic::Ordering::Relaxed);
-                    let used = g.routed_experts_on_device(layer, &routing, &gl, &gx, store, &shared, &mut acc).unwrap();
+                    let used =
+                        g.routed_experts_on_device(layer, &routing, 1, &gl, &gx, store, &shared, &mut acc).unwrap();
                     if in_ram && trial == 2 {
                         let again = store.2.load(std::sync::atomic::Ordering::Relaxed) - fetched;
                         assert_eq!(
@@ -460,6 +461,34 @@ fn cuda_routed_experts_on_device() {
                         format.name()
                     );
                     assert_close(&what, &g.read(&acc, h), &want, TOL);
+                }
+                // Several tokens (prefill): on the device only with every expert in GPU memory.
+                let tokens = 3;
+                let logits = rng.vec(tokens * experts, 2.0);
+                let x = rng.vec(tokens * h, 1.0);
+                let acc0 = rng.vec(tokens * h, 1.0);
+                let mut want = acc0.clone();
+                for t in 0..tokens {
+                    for (e, w) in moe_core::ops::route(&logits[t * experts..(t + 1) * experts], k, norm) {
+                        let ex = &store.0[1][e];
+                        let [gc, uc, dc] = [&ex.gate, &ex.up, &ex.down].map(|m| cpu.weight(m).unwrap());
+                        cpu.expert_ffn(&gc, &uc, &dc, &x, &[t as u32], &[w], &mut want);
+                    }
+                }
+                let mut acc = g.tensor(&acc0);
+                let calls = std::cell::Cell::new(0);
+                let shared = |_: &mut _| calls.set(calls.get() + 1);
+                let (gl, gx) = (g.tensor(&logits), g.tensor(&x));
+                let used = g.routed_experts_on_device(1, &routing, tokens, &gl, &gx, store, &shared, &mut acc).unwrap();
+                let what = format!(
+                    "routed experts {} resident {resident} in RAM {in_ram} norm {norm}, {tokens} tokens",
+                    format.name()
+                );
+                if resident {
+                    assert_eq!((used, calls.get()), (Some(tokens * k), 1), "{what}: expert uses, shared expert once");
+                    assert_close(&what, &g.read(&acc, tokens * h), &want, TOL);
+                } else {
+                    assert_eq!((used, calls.get()), (None, 0), "{what}: left to the host, nothing queued");
                 }
             }
         }

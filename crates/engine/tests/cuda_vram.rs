@@ -1,6 +1,6 @@
 //! The GPU-memory tier of routed experts (`--vram-budget`): whole-model logits are identical
 //! whatever the budget (0: upload every use; three experts: constant eviction; 1 GiB: everything
-//! stays), and hits, misses and evictions follow the policy (least used first, ties to the least
+//! stays; a prefill with every expert resident runs on the device, equal up to rounding), and hits, misses and evictions follow the policy (least used first, ties to the least
 //! recent) on a crafted sequence, with every handle's matrices computing what the CPU computes.
 //!
 //! Without a GPU or CUDA driver each test prints "SKIPPED <test>: no CUDA device" to stderr
@@ -99,7 +99,12 @@ fn identical_across_budgets(test: &str, name: &str) {
     model.backend().set_vram_budget(Budget::Bytes(1 << 30)).unwrap();
     model.backend().reset_vram_stats();
     let (got, uses, counts) = passes(&model, &ids);
-    assert_eq!(got, base, "{name}: logits with a 1 GiB VRAM budget differ from budget 0");
+    assert_eq!(got[..2], base[..2], "{name}: logits with a 1 GiB VRAM budget differ from budget 0");
+    // The third pass finds every expert resident if the model has few enough, and its prefill
+    // then routes on the device (fused kernels per token: the same values, summed in another
+    // order) instead of on the host.
+    let err = rel_l2(&got[2], &base[2]);
+    assert!(err <= 1e-5, "{name}: prefill with every expert resident off budget 0's by {err:.3e}");
     let s = model.backend().vram_stats();
     assert_eq!(counts[0], VramCounts { hits: 0, misses: uses[0] as u64, uploaded: uses[0] as u64 * expert_bytes });
     assert_eq!(counts[2], VramCounts { hits: uses[2] as u64, misses: 0, uploaded: 0 }, "{name}: replay must hit");
