@@ -112,21 +112,28 @@ __device__ __forceinline__ float byte_to_f32(u32 word, int byte) {
 
 // The codes of an affine chunk as exact floats, lowest first: codes of `bits` bits; masking the
 // word at shift `sh` leaves in byte `j` the code number `j * per_byte + sh / bits`, which
-// `byte_to_f32` turns into a float.
-template <int F>
+// `byte_to_f32` turns into a float. With OFFSET (4- and 2-bit codes) they come out as
+// 1 + code / 128 instead: the masked byte with its top bit set, code | 0x80, placed by one byte
+// permute under the exponent byte 0x3F. One instruction per code instead of the two of
+// `byte_to_f32`; the sum of the inputs, which the offset of 1 adds to a dot product, is known
+// (`load_x`) and taken off again (see `dot_chunk`).
+template <int F, bool OFFSET = false>
 __device__ __forceinline__ void decode_codes(uint4 raw, float* q) {
     const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
     const int bits = Fmt<F>::BITS;
     const int per_byte = 8 / bits;
     const int per_word = 32 / bits;
     const u32 mask = bits == 8 ? 0xffffffffu : (bits == 4 ? 0x0f0f0f0fu : 0x03030303u);
+    static_assert(!OFFSET || bits < 8, "8-bit codes fill their bytes: no room for the offset bit");
 #pragma unroll
     for (int i = 0; i < 4; i++) {
 #pragma unroll
         for (int sh = 0; sh < 8; sh += bits) {
-            const u32 m = (words[i] >> sh) & mask;
+            const u32 m = ((words[i] >> sh) & mask) | (OFFSET ? 0x80808080u : 0u);
 #pragma unroll
-            for (int j = 0; j < 4; j++) q[i * per_word + j * per_byte + sh / bits] = byte_to_f32(m, j);
+            for (int j = 0; j < 4; j++)
+                q[i * per_word + j * per_byte + sh / bits] =
+                    OFFSET ? __uint_as_float(__byte_perm(m, 0x3F000000u, 0x7044u + (j << 8))) : byte_to_f32(m, j);
         }
     }
 }
@@ -245,29 +252,6 @@ __device__ __forceinline__ uint2 staged_sb(const u16* sc, const u16* bi, int c) 
     return make_uint2(sc[g], bi[g]);
 }
 
-// The codes of a 4- or 2-bit chunk as floats 1 + code / 128, lowest first: the masked byte with its
-// top bit set, code | 0x80, placed by one byte permute under the exponent byte 0x3F. One
-// instruction per code instead of the two of `byte_to_f32`; the sum of the inputs, which the offset
-// of 1 adds to a dot product, is known (`load_x`) and taken off again (see `dot_chunk`).
-template <int F>
-__device__ __forceinline__ void offset_codes(uint4 raw, float* q) {
-    const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
-    const int bits = Fmt<F>::BITS;
-    const int per_byte = 8 / bits;
-    const int per_word = 32 / bits;
-    const u32 mask = bits == 4 ? 0x0f0f0f0fu : 0x03030303u;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-#pragma unroll
-        for (int sh = 0; sh < 8; sh += bits) {
-            const u32 m = ((words[i] >> sh) & mask) | 0x80808080u;
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                q[i * per_word + j * per_byte + sh / bits] = __uint_as_float(__byte_perm(m, 0x3F000000u, 0x7044u + (j << 8)));
-        }
-    }
-}
-
 // dot(a chunk of a row, xr), with its scale and bias from `load_sb` and `xsum` the sum of xr.
 // Affine formats as s * dot(codes, xr) + b * xsum: one multiply-add per element instead of two
 // (the decode kernels issue about as many instructions as device memory delivers bytes). For 4-
@@ -278,7 +262,7 @@ template <int F>
 __device__ __forceinline__ float dot_chunk(uint4 raw, uint2 sb, const float* xr, float xsum) {
     const int E = Chunk<F>::E;
     float w[E];
-    if constexpr (F == FMT_Q4 || F == FMT_Q2) offset_codes<F>(raw, w);
+    if constexpr (F == FMT_Q4 || F == FMT_Q2) decode_codes<F, true>(raw, w);
     else if constexpr (Fmt<F>::AFFINE) decode_codes<F>(raw, w);
     else decode_chunk<F>(raw, 0.0f, 0.0f, w);
     // Two chains of multiply-adds, so that each waits on its last result half as often.
@@ -344,15 +328,13 @@ __device__ __forceinline__ void bulk_wait(u64* bar) {
 }
 
 // A row group in shared memory: the codes of DEC_ROWS rows (`row_bytes` each), then their scales
-// and their biases (`groups` each; affine formats), as `stage_rows` copies them.
+// and their biases (`groups` each; affine formats), as `stage_rows` copies them (the host sizes
+// it: `Gpu::bulk_rows`).
 template <int F>
 struct StagedRows {
     const u8* base;
     u32 row_bytes;
     int groups;
-    __device__ static u32 size(u32 row_bytes, int groups) {
-        return DEC_ROWS * (row_bytes + (Fmt<F>::AFFINE ? 4 * groups : 0));
-    }
     // The bytes `stage_rows` copies for `nr` rows.
     __device__ static u32 copied(u32 row_bytes, int groups, int nr) {
         return nr * (row_bytes + (Fmt<F>::AFFINE ? 4 * groups : 0));

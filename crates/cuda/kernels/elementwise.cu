@@ -22,7 +22,8 @@ __device__ __forceinline__ void write_normed(const float* __restrict__ x, const 
         const int j = threadIdx.x + i * blockDim.x;
         if (j < width) out[j] = x[j] * inv * (offset + held[i]);
     }
-    for (int j = threadIdx.x + NORM_HELD * blockDim.x; j < width; j += blockDim.x) out[j] = x[j] * inv * (offset + w[j]);
+    for (int j = threadIdx.x + NORM_HELD * blockDim.x; j < width; j += blockDim.x)
+        out[j] = x[j] * inv * (offset + w[j]);
 }
 
 // `out = x / rms(x) * (offset + w)` per row of `width`; one block per row.

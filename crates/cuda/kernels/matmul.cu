@@ -109,7 +109,7 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
 
 // One token, a block per DEC_ROWS rows as `matvec1_impl`, the rows' codes, scales and biases
 // brought into shared memory by bulk copies (see `bulk_copy`), issued before waiting for the kernel
-// ahead. Shared memory: `StagedRows::size`.
+// ahead. Shared memory: a `StagedRows`.
 template <int F>
 __device__ __forceinline__ void matvec1_bulk_impl(const u8* __restrict__ data, const u16* __restrict__ scales,
                                                   const u16* __restrict__ biases, int rows, int cols,

@@ -121,8 +121,9 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const flo
 
 // h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
 // k = blockIdx.y and DEC_ROWS rows r per block (`ids`, when a table is given, holds each token's
-// gridDim.y chosen experts): each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS up chunks. (Two rows
-// per block, for fewer registers and more blocks, measured 4% slower on the H100.)
+// gridDim.y chosen experts): each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS
+// up chunks. (Two rows per block, for fewer registers and more blocks, measured 4% slower on the
+// H100.)
 template <int F>
 __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
                                                  float* __restrict__ h) {

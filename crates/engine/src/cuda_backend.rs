@@ -685,7 +685,8 @@ impl Backend for CudaBackend {
                 return Err(NotRecordable.into());
             }
             let (g, n) = (&self.gpu, tokens * k);
-            *routes = Some(RouteBuffers { ids: g.zeros_i32(n)?, weights: g.zeros(n)?, host_ids: g.pinned_i32(n)? });
+            // The host reads back one token's ids only (several tokens need every expert resident).
+            *routes = Some(RouteBuffers { ids: g.zeros_i32(n)?, weights: g.zeros(n)?, host_ids: g.pinned_i32(k)? });
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         let r = routes.as_mut().unwrap();
