@@ -148,6 +148,150 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     }
 }
 
+// Chunked prefill of the same rule (the WY form of transformers' torch_chunk_gated_delta_rule),
+// DN_CHUNK tokens at a time: with G the running sum of the log decays inside the chunk,
+//   A[i][j] = beta_i (k_i . k_j) e^(G_i - G_j) for j < i,   T = (I + A)^-1,
+//   U = T (beta v),   W = T (beta e^G k),   v_new = U - W S,
+//   o_i = e^(G_i) q_i S + sum_(j <= i) (q_i . k_j) e^(G_i - G_j) v_new_j,
+//   S <- e^(G_last) S + sum_j e^(G_last - G_j) k_j v_new_j^T.
+// Every exponent is of a difference G_i - G_j <= 0 (or of G_i <= 0), so strong decays underflow
+// to 0 instead of overflowing. Grid (v_heads, ceil(v_dim / DN_COLS)), DN_CHUNK_THREADS threads:
+// a block keeps its DN_COLS state columns in shared memory; T and W depend only on keys and are
+// recomputed by each column block of a head, which is cheaper than a second launch.
+#define DN_CHUNK 32
+#define DN_COLS 32
+#define DN_CHUNK_THREADS 256
+#define DN_CHUNK_ROWS (DN_CHUNK * 32 / DN_CHUNK_THREADS)
+
+extern "C" __global__ void __launch_bounds__(DN_CHUNK_THREADS)
+    dn_chunk(const float* __restrict__ mixed, const float* __restrict__ beta_in, const float* __restrict__ a_in,
+             int stride, const float* __restrict__ a_log, const float* __restrict__ dt_bias, float* __restrict__ ssm,
+             float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim, int v_dim, int tokens) {
+    grid_start();
+    extern __shared__ float smem[];
+    // Rows padded by one float: the (i, j) products read rows i and j of K in the same step.
+    const int kp = k_dim + 1;
+    float* ks = smem;                 // [DN_CHUNK][kp]
+    float* qs = ks + DN_CHUNK * kp;    // [DN_CHUNK][kp]; W once the products with q are done
+    float* S = qs + DN_CHUNK * kp;     // [k_dim][DN_COLS]
+    __shared__ float vs[DN_CHUNK][DN_COLS + 1];  // this block's value columns, then v_new
+    __shared__ float tm[DN_CHUNK][DN_CHUNK + 1];  // A, then T
+    __shared__ float pm[DN_CHUNK][DN_CHUNK + 1];  // (q_i . k_j) e^(G_i - G_j), j <= i
+    __shared__ float cum[DN_CHUNK], beta[DN_CHUNK], beta_eg[DN_CHUNK], to_last[DN_CHUNK];
+    const int h = blockIdx.x, c0 = blockIdx.y * DN_COLS;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int warps = DN_CHUNK_THREADS / 32;
+    const bool valid = c0 + lane < v_dim;
+    const int kh = h / (v_heads / k_heads);
+    const int kw = k_heads * k_dim;
+    const u64 vw = (u64)v_heads * v_dim;
+    float* state = ssm + (u64)h * k_dim * v_dim + c0;
+    for (int m = w; m < k_dim; m += warps) S[m * DN_COLS + lane] = valid ? state[(u64)m * v_dim + lane] : 0.0f;
+    const float neg_a = -expf(a_log[h]);
+    const float bias = dt_bias[h];
+    for (int t0 = 0; t0 < tokens; t0 += DN_CHUNK) {
+        const int n = min(DN_CHUNK, tokens - t0);
+        // Padding tokens have k = v = beta = 0 and no decay: they change nothing.
+        for (int idx = threadIdx.x; idx < DN_CHUNK * k_dim; idx += DN_CHUNK_THREADS) {
+            const int i = idx / k_dim, m = idx - i * k_dim;
+            const float* row = mixed + (u64)(t0 + i) * channels + kh * k_dim;
+            ks[i * kp + m] = i < n ? row[kw + m] : 0.0f;
+            qs[i * kp + m] = i < n ? row[m] : 0.0f;
+        }
+        for (int i = w; i < DN_CHUNK; i += warps)
+            vs[i][lane] = i < n && valid ? mixed[(u64)(t0 + i) * channels + 2 * kw + (u64)h * v_dim + c0 + lane] : 0.0f;
+        if (w == 0) {
+            const u64 at = (u64)(t0 + lane) * stride + h;
+            const float b = lane < n ? sigmoidf_(beta_in[at]) : 0.0f;
+            float g = lane < n ? neg_a * softplusf_(a_in[at] + bias) : 0.0f;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float up = __shfl_up_sync(0xffffffffu, g, o);
+                if (lane >= o) g += up;
+            }
+            const float last = __shfl_sync(0xffffffffu, g, 31);
+            cum[lane] = g;
+            beta[lane] = b;
+            beta_eg[lane] = b * expf(g);
+            to_last[lane] = expf(last - g);
+        }
+        __syncthreads();
+        // A, the q.k products, and the part of the output that the state before the chunk gives.
+        for (int p = threadIdx.x; p < DN_CHUNK * DN_CHUNK; p += DN_CHUNK_THREADS) {
+            const int i = p / DN_CHUNK, j = p % DN_CHUNK;
+            float kk = 0.0f, qk = 0.0f;
+            for (int m = 0; m < k_dim; m++) {
+                const float kj = ks[j * kp + m];
+                kk = fmaf(ks[i * kp + m], kj, kk);
+                qk = fmaf(qs[i * kp + m], kj, qk);
+            }
+            const float decay = j <= i ? expf(cum[i] - cum[j]) : 0.0f;
+            tm[i][j] = j < i ? beta[i] * kk * decay : 0.0f;
+            pm[i][j] = qk * decay;
+        }
+        float o[DN_CHUNK_ROWS], u[DN_CHUNK_ROWS];
+#pragma unroll
+        for (int r = 0; r < DN_CHUNK_ROWS; r++) {
+            const int i = w + r * warps;
+            float acc = 0.0f;
+            for (int m = 0; m < k_dim; m++) acc = fmaf(qs[i * kp + m], S[m * DN_COLS + lane], acc);
+            o[r] = expf(cum[i]) * acc;
+        }
+        __syncthreads();
+        // T = (I + A)^-1 by forward substitution, one row at a time, lane j owning column j;
+        // rows above i already hold T (diagonal 1), row i still holds A.
+        if (w == 0) {
+            for (int i = 0; i < DN_CHUNK; i++) {
+                float s = 0.0f;
+                for (int m = 0; m < i; m++) s = fmaf(tm[i][m], tm[m][lane], s);
+                __syncwarp();
+                tm[i][lane] = lane < i ? -s : (lane == i ? 1.0f : 0.0f);
+                __syncwarp();
+            }
+        }
+        __syncthreads();
+        float* W = qs;
+        for (int idx = threadIdx.x; idx < DN_CHUNK * k_dim; idx += DN_CHUNK_THREADS) {
+            const int i = idx / k_dim, m = idx - i * k_dim;
+            float acc = 0.0f;
+            for (int j = 0; j <= i; j++) acc = fmaf(tm[i][j] * beta_eg[j], ks[j * kp + m], acc);
+            W[i * kp + m] = acc;
+        }
+#pragma unroll
+        for (int r = 0; r < DN_CHUNK_ROWS; r++) {
+            const int i = w + r * warps;
+            float acc = 0.0f;
+            for (int j = 0; j <= i; j++) acc = fmaf(tm[i][j] * beta[j], vs[j][lane], acc);
+            u[r] = acc;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < DN_CHUNK_ROWS; r++) {
+            const int i = w + r * warps;
+            float acc = u[r];
+            for (int m = 0; m < k_dim; m++) acc = fmaf(-W[i * kp + m], S[m * DN_COLS + lane], acc);
+            vs[i][lane] = acc;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < DN_CHUNK_ROWS; r++) {
+            const int i = w + r * warps;
+            float acc = o[r];
+            for (int j = 0; j <= i; j++) acc = fmaf(pm[i][j], vs[j][lane], acc);
+            if (i < n && valid) out[(u64)(t0 + i) * vw + (u64)h * v_dim + c0 + lane] = acc;
+        }
+        const float keep = expf(cum[DN_CHUNK - 1]);
+        for (int m = w; m < k_dim; m += warps) {
+            float acc = S[m * DN_COLS + lane] * keep;
+            for (int j = 0; j < DN_CHUNK; j++) acc = fmaf(ks[j * kp + m] * to_last[j], vs[j][lane], acc);
+            S[m * DN_COLS + lane] = acc;
+        }
+        __syncthreads();
+    }
+    for (int m = w; m < k_dim; m += warps)
+        if (valid) state[(u64)m * v_dim + lane] = S[m * DN_COLS + lane];
+}
+
 // Grid (tokens, v_heads): o = rmsnorm(o) * w * silu(z), in place.
 extern "C" __global__ void dn_gated_norm(float* __restrict__ o, const float* __restrict__ z, int stride,
                                          const float* __restrict__ w, int v_heads, int v_dim, float eps) {

@@ -55,6 +55,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "dn_conv",
     "dn_qk_norm",
     "dn_recurrence",
+    "dn_chunk",
     "dn_gated_norm",
     "route_topk",
     "moe_gate_up_f32",
@@ -96,6 +97,13 @@ const DN_MAX_KERNEL: usize = 8;
 /// The DeltaNet recurrence's warps per block, and the rows of the state each covers at most.
 const DN_SLICES: u32 = 8;
 const DN_MAX_K_DIM: usize = DN_SLICES as usize * 40;
+/// The chunked DeltaNet kernel's tokens per chunk, its state columns per block and its threads
+/// (delta_net.cu), and the fewest tokens it takes: below that, the token-by-token kernel, whose
+/// cost grows with the tokens from a smaller start.
+const DN_CHUNK: usize = 32;
+const DN_COLS: usize = 32;
+const DN_CHUNK_THREADS: u32 = 256;
+const DN_CHUNK_MIN_TOKENS: usize = 16;
 
 /// A weight matrix in device memory, in its stored format: codes (or elements), then the bf16
 /// scales and biases of affine formats, each at a [`PART_ALIGN`]-aligned offset of one buffer.
@@ -193,6 +201,22 @@ pub struct Gpu {
     early_launch: bool,
     /// One-token kernels bring their weights into shared memory by bulk copies (`bulk_rows`).
     bulk_copies: bool,
+    /// The most dynamic shared memory a `dn_chunk` block may take (0: that kernel is off).
+    dn_chunk_smem: usize,
+}
+
+/// Lets `f` take all the shared memory a block may opt in to, and says how much of it is left for
+/// its dynamic part (beyond the default 48 KiB, a kernel must ask).
+fn opt_in_shared(ctx: &CudaContext, f: &CudaFunction) -> Result<usize> {
+    use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    let most = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .what("reading the shared memory limit")?;
+    let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).what("reading a kernel")?;
+    let dynamic = (most - fixed).max(0);
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic)
+        .what("raising a kernel's shared memory")?;
+    Ok(dynamic as usize)
 }
 
 /// Lets the device's default memory pool (behind stream-ordered allocation) keep what is freed
@@ -291,7 +315,9 @@ impl Gpu {
         let early_launch = capability.0 >= 9 && env_on("FLASH_MOE_EARLY_LAUNCH");
         // FLASH_MOE_BULK=0 keeps the weights of one-token kernels in registers instead.
         let bulk_copies = capability.0 >= 9 && env_on("FLASH_MOE_BULK");
-        Ok(Gpu { ctx, stream, functions, dummy, name, capability, early_launch, bulk_copies })
+        // FLASH_MOE_DN_CHUNK=0 runs every DeltaNet prefill token by token.
+        let dn_chunk_smem = if env_on("FLASH_MOE_DN_CHUNK") { opt_in_shared(&ctx, &functions["dn_chunk"])? } else { 0 };
+        Ok(Gpu { ctx, stream, functions, dummy, name, capability, early_launch, bulk_copies, dn_chunk_smem })
     }
 
     /// The same device and kernels on a second stream, for work that can run beside this one's:
@@ -309,6 +335,7 @@ impl Gpu {
             capability: self.capability,
             early_launch: self.early_launch,
             bulk_copies: self.bulk_copies,
+            dn_chunk_smem: self.dn_chunk_smem,
         })
     }
 
@@ -772,15 +799,24 @@ impl Gpu {
         b.arg(&mut mixed).arg(&cw_i).arg(&kh_i).arg(&dk_i);
         unsafe { b.launch(cfg) }.what("launching dn_qk_norm")?;
 
-        let cfg = LaunchConfig {
-            grid_dim: (vh as u32, dv.div_ceil(32) as u32, 1),
-            block_dim: (32 * DN_SLICES, 1, 1),
-            shared_mem_bytes: (2 * dk * 4) as u32,
+        // Keys and queries of a chunk (rows padded by one float), then the block's state columns.
+        let chunk_smem = (2 * DN_CHUNK * (dk + 1) + dk * DN_COLS) * 4;
+        let (name, cfg) = if tokens >= DN_CHUNK_MIN_TOKENS && chunk_smem <= self.dn_chunk_smem {
+            let grid_dim = (vh as u32, dv.div_ceil(DN_COLS) as u32, 1);
+            (
+                "dn_chunk",
+                LaunchConfig { grid_dim, block_dim: (DN_CHUNK_THREADS, 1, 1), shared_mem_bytes: chunk_smem as u32 },
+            )
+        } else {
+            let grid_dim = (vh as u32, dv.div_ceil(32) as u32, 1);
+            let cfg =
+                LaunchConfig { grid_dim, block_dim: (32 * DN_SLICES, 1, 1), shared_mem_bytes: (2 * dk * 4) as u32 };
+            ("dn_recurrence", cfg)
         };
-        let mut b = self.launch(self.f("dn_recurrence"));
+        let mut b = self.launch(self.f(name));
         b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
         b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
-        unsafe { b.launch(cfg) }.what("launching dn_recurrence")?;
+        unsafe { b.launch(cfg) }.what("launching the DeltaNet recurrence")?;
 
         let threads = (dv.next_power_of_two() as u32).clamp(32, 256);
         let eps = p.eps;
