@@ -39,21 +39,24 @@ __device__ __forceinline__ void warp_argmax(float* v, int* e) {
     }
 }
 
-// One token's routing by a block of ROUTE_THREADS threads (ROUTE_PER_THREAD logits each): the
-// top `k` of `experts` router logits `l` (ties to the lower id, best first) into `ids[i]` and their
+// Per token (one block of ROUTE_THREADS each, ROUTE_PER_THREAD logits per thread): the top `k`
+// of `experts` router logits (ties to the lower id, best first) into `ids[t * k + i]` and their
 // softmax probabilities into `weights`, renormalised to sum to 1 when `norm` (as
 // `moe_core::ops::route`). Each round every warp finds its best, then every thread the block's;
 // the softmax needs only the picked logits and the sum of all. (One warp for all the logits
 // walked 32 per lane per round.)
-__device__ __forceinline__ void topk_block(const float* __restrict__ l, int experts, int k, int norm,
-                                           int* __restrict__ ids, float* __restrict__ weights) {
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const float* __restrict__ logits, int experts,
+                                                                       int k, int norm, int* __restrict__ ids,
+                                                                       float* __restrict__ weights) {
     const int NW = ROUTE_THREADS / 32;
     __shared__ float red[32];
     __shared__ float cand_v[2][NW];
     __shared__ int cand_e[2][NW];
     __shared__ float pick_v[MOE_MAX_SLOTS];
     __shared__ int pick_e[MOE_MAX_SLOTS];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    grid_start();
+    const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float* l = logits + (u64)t * experts;
     float v[ROUTE_PER_THREAD];
 #pragma unroll
     for (int j = 0; j < ROUTE_PER_THREAD; j++) {
@@ -111,18 +114,9 @@ __device__ __forceinline__ void topk_block(const float* __restrict__ l, int expe
     const float sum = block_sum(rest, red) + picked;
     if (tid < k) {
         const float p = expf(pick_v[tid] - mx);
-        ids[tid] = pick_e[tid];
-        weights[tid] = norm ? p / picked : p / sum;
+        ids[t * k + tid] = pick_e[tid];
+        weights[t * k + tid] = norm ? p / picked : p / sum;
     }
-}
-
-// `topk_block` for each token (blockIdx.x) of `logits` `[tokens, experts]`.
-extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const float* __restrict__ logits, int experts,
-                                                                       int k, int norm, int* __restrict__ ids,
-                                                                       float* __restrict__ weights) {
-    grid_start();
-    const int t = blockIdx.x;
-    topk_block(logits + (u64)t * experts, experts, k, norm, ids + t * k, weights + t * k);
 }
 
 // h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
@@ -249,18 +243,7 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
     if (threadIdx.x < nr) out[r0 + threadIdx.x] += acc[0];
 }
 
-static_assert(DEC_THREADS == ROUTE_THREADS, "matvec1_route's blocks run topk_block");
-
 #define DEFINE_MOE(NAME, F)                                                                                        \
-    /* One token's router: logits = W x, then the top-k by the last block (the router's matvec and \
-       `route_topk` in one launch). */                                                                            \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                    \
-        matvec1_route_##NAME(const u8* data, const u16* scales, const u16* biases, int rows, int cols,          \
-                             const float* x, float* logits, int vec, int k, int norm, int* ids, float* weights,  \
-                             u32* counter) {                                                                      \
-        matvec1_impl<F>(data, scales, biases, rows, cols, x, logits, vec);                                        \
-        if (last_block(counter, gridDim.x)) topk_block(logits, rows, k, norm, ids, weights);                      \
-    }                                                                                                             \
     /* Four blocks per SM (128 registers), which 2-bit codes cannot have without spilling. */                  \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS, Fmt<F>::BITS == 2 ? 2 : 4)                        \
         moe_gate_up_##NAME(const MoeSlots m, const float* x, int hidden, int inter, float* h) {                   \

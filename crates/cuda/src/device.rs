@@ -26,12 +26,6 @@ pub(crate) const KERNELS: &[&str] = &[
     "matvec1_q8",
     "matvec1_q4",
     "matvec1_q2",
-    "matvec1_route_f32",
-    "matvec1_route_f16",
-    "matvec1_route_bf16",
-    "matvec1_route_q8",
-    "matvec1_route_q4",
-    "matvec1_route_q2",
     "matvec1_bulk_f32",
     "matvec1_bulk_f16",
     "matvec1_bulk_bf16",
@@ -632,12 +626,6 @@ impl Gpu {
         Ok(())
     }
 
-    /// Whether [`matvec_route`](Self::matvec_route) takes `w`: a one-token matvec without bulk
-    /// copies.
-    pub fn routes_in_matvec(&self, w: &DeviceMatrix) -> bool {
-        w.rows < BULK_MIN_ROWS || self.bulk_rows(w.format, w.cols).is_none()
-    }
-
     /// RMSNorm of `rows` rows of `w.len()` values: `x / rms(x) * (offset + w)`.
     pub fn rms_norm(
         &self,
@@ -1040,44 +1028,6 @@ impl Gpu {
         let mut b = self.launch(self.f("route_topk"));
         b.arg(logits).arg(&e).arg(&k_i).arg(&norm).arg(ids).arg(weights);
         unsafe { b.launch(cfg) }.what("launching route_topk")?;
-        Ok(())
-    }
-
-    /// One token's router: `logits = W x`, then its top-`k` as [`route_topk`](Self::route_topk)
-    /// into `ids` and `weights`, in one launch (see [`routes_in_matvec`](Self::routes_in_matvec)).
-    #[allow(clippy::too_many_arguments)]
-    pub fn matvec_route(
-        &self,
-        w: &DeviceMatrix,
-        x: &CudaSlice<f32>,
-        logits: &mut CudaSlice<f32>,
-        k: usize,
-        norm: bool,
-        ids: &mut CudaSlice<i32>,
-        weights: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let experts = w.rows;
-        if experts > ROUTE_MAX_EXPERTS || k == 0 || k > MOE_MAX_SLOTS.min(experts) {
-            return Err(Error::Unsupported(format!(
-                "device routing of top-{k} of {experts} experts (at most top-{MOE_MAX_SLOTS} of {ROUTE_MAX_EXPERTS})"
-            )));
-        }
-        assert!(self.routes_in_matvec(w), "matvec_route: {}x{} {}", w.rows, w.cols, w.suffix());
-        assert!(x.len() >= w.cols && logits.len() >= experts, "matvec_route: input or logits size");
-        assert!(ids.len() >= k && weights.len() >= k, "matvec_route: outputs too small");
-        let (rows, cols) = (i32_of(w.rows, "rows"), i32_of(w.cols, "cols"));
-        let (data, sc, bi) = self.parts(w);
-        let (vec, k_i, norm) = (w.vectorised() as i32, k as i32, norm as i32);
-        let cfg = LaunchConfig {
-            grid_dim: ((w.rows as u32).div_ceil(DEC_ROWS), 1, 1),
-            block_dim: (DEC_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let name = format!("matvec1_route_{}", w.suffix());
-        let mut b = self.launch(&self.functions[name.as_str()]);
-        b.arg(&data).arg(&sc).arg(&bi).arg(&rows).arg(&cols).arg(x).arg(logits).arg(&vec);
-        b.arg(&k_i).arg(&norm).arg(ids).arg(weights).arg(&self.counters);
-        unsafe { b.launch(cfg) }.what("launching matvec1_route")?;
         Ok(())
     }
 

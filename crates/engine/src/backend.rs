@@ -243,23 +243,6 @@ pub trait Backend: Send + Sync {
         host_gated_expert(self, [gate, up, down], gate_logit, x, tokens, acc)
     }
 
-    /// The router's logits of `layer` for `tokens` rows of `x` (`[tokens, experts]`). A backend
-    /// that routes on the device may start the top-k here too, for the
-    /// [`routed_experts_on_device`](Self::routed_experts_on_device) call of the same layer that
-    /// follows.
-    #[allow(clippy::too_many_arguments)]
-    fn router_logits(
-        &self,
-        _layer: usize,
-        router: &Self::Weight,
-        _routing: &Routing,
-        x: &Self::Tensor,
-        tokens: usize,
-        logits: &mut Self::Tensor,
-    ) {
-        self.matmul(router, x, tokens, logits)
-    }
-
     /// The routed experts of `layer` for `tokens` tokens, routed on the device: the top-k of each
     /// row of `logits` (`[tokens, experts]`) fetched through `store` where the device lacks them,
     /// their weighted outputs added to `acc` (`[tokens, hidden]`, as `x`). `shared` queues the

@@ -51,9 +51,6 @@ pub struct CudaBackend {
     on_side: AtomicBool,
     tier: moe_cuda::ExpertTier,
     routes: Mutex<Option<RouteBuffers>>,
-    /// The layer whose top-k `router_logits` has queued into `routes`, for the
-    /// `routed_experts_on_device` call that follows it.
-    routed_layer: Mutex<Option<usize>>,
     /// Scratch of the fused expert launches (`slots x inter` values), one per stream, grown on
     /// demand.
     hidden: Mutex<[Option<CudaSlice<f32>>; 2]>,
@@ -156,7 +153,6 @@ impl CudaBackend {
             on_side: AtomicBool::new(false),
             tier,
             routes: Mutex::default(),
-            routed_layer: Mutex::default(),
             hidden: Mutex::default(),
             tables: Mutex::default(),
             step,
@@ -652,28 +648,6 @@ impl Backend for CudaBackend {
         host_gated_expert(self, [gate, up, down], gate_logit, x, tokens, acc)
     }
 
-    fn router_logits(
-        &self,
-        layer: usize,
-        router: &DeviceMatrix,
-        routing: &Routing,
-        x: &CudaSlice<f32>,
-        tokens: usize,
-        logits: &mut CudaSlice<f32>,
-    ) {
-        let q = self.queue();
-        *self.routed_layer.lock().unwrap() = None;
-        if tokens == 1 && self.routes_on_device(routing) && q.routes_in_matvec(router) {
-            let (k, norm) = (routing.top_k, routing.norm_topk);
-            if let Some(r) = self.routes.lock().unwrap().as_mut().filter(|r| r.ids.len() >= k) {
-                ok(q.matvec_route(router, x, logits, k, norm, &mut r.ids, &mut r.weights), "router");
-                *self.routed_layer.lock().unwrap() = Some(layer);
-                return;
-            }
-        }
-        self.matmul(router, x, tokens, logits)
-    }
-
     fn routed_experts_on_device(
         &self,
         layer: usize,
@@ -686,7 +660,6 @@ impl Backend for CudaBackend {
         acc: &mut CudaSlice<f32>,
     ) -> Result<Option<usize>> {
         let (experts, k) = (routing.experts, routing.top_k);
-        let routed = self.routed_layer.lock().unwrap().take() == Some(layer);
         if !self.routes_on_device(routing) || tokens == 0 || tokens > MOE_MAX_TOKENS {
             return if self.recording() { Err(NotRecordable.into()) } else { Ok(None) };
         }
@@ -717,9 +690,7 @@ impl Backend for CudaBackend {
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         let r = routes.as_mut().unwrap();
-        if !routed || tokens != 1 {
-            self.gpu.route_topk(logits, tokens, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
-        }
+        self.gpu.route_topk(logits, tokens, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
         if let Some(host) = resident
             && self.table_experts(layer, experts, (tokens, k), r, x, host, shared, acc)?
         {

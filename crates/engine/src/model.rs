@@ -380,6 +380,7 @@ impl<B: Backend> Model<B> {
         let mut x = b.scratch(n * h);
         b.embed(&self.embed, tokens, &mut x);
         let mut normed = b.scratch(n * h);
+        let mut mixed = b.scratch(n * h);
         let mut hidden = Vec::new();
         let (offset, eps) = (c.family.norm_offset(), c.rms_eps);
         // The previous layer's MoE output, added to the residual stream by the next norm.
@@ -390,8 +391,7 @@ impl<B: Backend> Model<B> {
                 None => b.rms_norm(&x, &layer.input_norm, offset, eps, n, &mut normed),
             }
             clock.lap(&mut prof.other);
-            // The mixer's output before its projection back into the residual stream.
-            let (mixed, out_proj) = match (&layer.mixer, state) {
+            match (&layer.mixer, state) {
                 (Mixer::Attention { q, k, v, o, q_norm, k_norm }, LayerState::Attention(cache)) => {
                     let s = &self.attention;
                     let (mut qb, mut kb, mut vb) =
@@ -401,19 +401,16 @@ impl<B: Backend> Model<B> {
                     b.matmul(v, &normed, n, &mut vb);
                     let mut attn = b.scratch(n * s.out_width());
                     b.attention(s, q_norm, k_norm, &qb, &kb, &vb, cache, past, n, &mut attn);
+                    b.matmul(o, &attn, n, &mut mixed);
                     clock.lap(&mut prof.attention);
-                    (attn, o)
                 }
                 (Mixer::DeltaNet(d), LayerState::DeltaNet(dstate)) => {
-                    let o = self.delta_net(d, &normed, dstate, n);
+                    self.delta_net(d, &normed, dstate, n, &mut mixed);
                     clock.lap(&mut prof.delta_net);
-                    (o, &d.out)
                 }
                 _ => unreachable!("session state built from the same layer list"),
-            };
-            let mut delta = b.scratch(n * h);
-            b.matmul(out_proj, &mixed, n, &mut delta);
-            b.add_rms_norm(&mut x, &delta, &layer.post_norm, h, offset, eps, n, &mut normed);
+            }
+            b.add_rms_norm(&mut x, &mixed, &layer.post_norm, h, offset, eps, n, &mut normed);
             clock.lap(&mut prof.other);
             let moe = self.moe(i, layer, &normed, n, prof).with_context(|| format!("layer {i}"))?;
             clock = Stopwatch::start();
@@ -456,15 +453,21 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// The DeltaNet mixer up to its output projection (`[n, value_width]`).
-    fn delta_net(&self, d: &DeltaNetLayer<B>, x: &B::Tensor, state: &mut DeltaNetState<B>, n: usize) -> B::Tensor {
+    fn delta_net(
+        &self,
+        d: &DeltaNetLayer<B>,
+        x: &B::Tensor,
+        state: &mut DeltaNetState<B>,
+        n: usize,
+        out: &mut B::Tensor,
+    ) {
         let (b, s) = (&self.backend, &self.delta);
         let mut proj = b.scratch(n * s.proj_width());
         b.matmul(&d.in_proj, x, n, &mut proj);
         let params = DeltaNetParams { conv: &d.conv, a_log: &d.a_log, dt_bias: &d.dt_bias, norm: &d.norm };
         let mut o = b.scratch(n * s.value_width());
         b.delta_net(s, &params, &proj, state, n, &mut o);
-        o
+        b.matmul(&d.out, &o, n, out);
     }
 
     /// Routed experts (each computed once for all the tokens routed to it, in ascending id as
@@ -473,9 +476,8 @@ impl<B: Backend> Model<B> {
     fn moe(&self, layer: usize, l: &Layer<B>, x: &B::Tensor, n: usize, prof: &mut Profile) -> Result<B::Tensor> {
         let (b, c) = (&self.backend, &self.config);
         let mut clock = Stopwatch::start();
-        let (routing, store) = (Routing::of(c), &*self.experts);
         let mut logits = b.scratch(n * c.experts);
-        b.router_logits(layer, &l.router, &routing, x, n, &mut logits);
+        b.matmul(&l.router, x, n, &mut logits);
         clock.lap(&mut prof.router);
         let mut acc = b.zeros(n * c.hidden);
         let shared = |acc: &mut B::Tensor| {
@@ -483,6 +485,7 @@ impl<B: Backend> Model<B> {
                 self.shared_expert(s, x, n, acc);
             }
         };
+        let (routing, store) = (Routing::of(c), &*self.experts);
         if let Some(uses) = b.routed_experts_on_device(layer, &routing, n, &logits, x, store, &shared, &mut acc)? {
             clock.lap(&mut prof.experts);
             prof.expert_uses += uses;
