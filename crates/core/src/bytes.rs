@@ -36,6 +36,11 @@ impl Bytes {
         Bytes::from_vec(Vec::new())
     }
 
+    /// Where this window starts in its owner's bytes.
+    pub fn offset(&self) -> usize {
+        self.start
+    }
+
     /// A sub-window, relative to this one.
     pub fn slice(&self, range: Range<usize>) -> Self {
         assert!(range.start <= range.end && range.end <= self.len, "slice {range:?} outside {} bytes", self.len);

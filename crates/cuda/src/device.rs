@@ -159,6 +159,13 @@ impl DeviceMatrix {
         DeviceMatrix { format: m.format, rows: m.rows, cols: m.cols, buf, data, scales, biases }
     }
 
+    /// The device buffer and where the codes (or elements), scales and biases lie in it (empty
+    /// ranges for the scales and biases of float formats).
+    pub(crate) fn spans(&self) -> (&CudaSlice<u8>, [Range<usize>; 3]) {
+        let part = |r: &Option<Range<usize>>| r.clone().unwrap_or(0..0);
+        (&self.buf, [self.data.clone(), part(&self.scales), part(&self.biases)])
+    }
+
     /// Bytes of the matrix on the device (its parts, without alignment padding).
     pub fn byte_len(&self) -> usize {
         self.data.len() + self.scales.as_ref().map_or(0, |s| s.len()) + self.biases.as_ref().map_or(0, |s| s.len())

@@ -23,12 +23,14 @@
 
 use crate::device::{DeviceMatrix, PartRanges, layout};
 use crate::pinned::PinnedPool;
-use crate::tier::Policy;
+use crate::tier::{Key, Policy};
 use crate::{Context, Error, Gpu, Result};
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, PinnedHostSlice};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice, sys};
 use moe_core::Matrix;
 use moe_core::tier::TierStats;
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -55,6 +57,7 @@ pub enum VramBudget {
 
 /// An uploaded expert.
 struct Entry {
+    key: Key,
     /// Gate, up, down: views of one device buffer allocated on the copy stream.
     matrices: [DeviceMatrix; 3],
     /// Recorded on the compute stream after the last queued use.
@@ -105,6 +108,11 @@ struct State {
     generation: u64,
     /// Uploads that were not kept, held until a few later ones (see `upload`).
     retired: VecDeque<Arc<Entry>>,
+    /// Whether the caller [`settle`](ExpertTier::settle)s: then the keys kept since the last
+    /// call and the entries evicted since are held for it.
+    settling: bool,
+    kept: Vec<Key>,
+    evicted: Vec<Arc<Entry>>,
 }
 
 struct Staging {
@@ -171,6 +179,9 @@ impl Gpu {
                 bytes_uploaded: 0,
                 generation: 0,
                 retired: VecDeque::new(),
+                settling: false,
+                kept: Vec::new(),
+                evicted: Vec::new(),
             }),
             copier: Mutex::new(Copier { staging, next: 0, ready: event()? }),
             pool: self.pinned_pool(),
@@ -184,7 +195,79 @@ impl Gpu {
     }
 }
 
+impl State {
+    /// Moves the entries just evicted into `evicted` for `settle`, when the caller settles.
+    fn hand_back(&mut self, evicted: &mut Vec<Arc<Entry>>) {
+        if self.settling {
+            self.evicted.append(evicted);
+        }
+    }
+}
+
+/// An expert the GPU-memory tier has evicted, its device copy held until it is copied out.
+pub struct EvictedExpert {
+    entry: Arc<Entry>,
+    copy: Arc<CudaStream>,
+}
+
+impl EvictedExpert {
+    /// `(layer, expert)`.
+    pub fn key(&self) -> (usize, usize) {
+        self.entry.key
+    }
+
+    /// Copies the expert's nine parts (gate codes, scales, biases, then up's, then down's) to
+    /// `parts` of `host`, waiting for the copies. False, having written nothing usable, if a
+    /// part's length differs from its range's or a copy fails.
+    pub fn copy_to_host(&self, host: &mut [MaybeUninit<u8>], parts: &[Range<usize>; 9]) -> bool {
+        let mut spans = Vec::with_capacity(9);
+        for m in &self.entry.matrices {
+            let (buf, ranges) = m.spans();
+            spans.extend(ranges.into_iter().map(|r| (buf, r)));
+        }
+        if spans.iter().zip(parts).any(|((_, r), p)| r.len() != p.len() || p.end > host.len()) {
+            return false;
+        }
+        let stream = self.copy.cu_stream();
+        for ((buf, r), p) in spans.into_iter().zip(parts) {
+            if r.is_empty() {
+                continue;
+            }
+            // Event tracking is off (see `Gpu::new`): the guard records nothing.
+            let (base, _guard) = buf.device_ptr(&self.copy);
+            // SAFETY: `p` lies in `host` (checked above) and `r` in `buf`, both `r.len()` bytes;
+            // the copy is waited for below, before `host` can be used or `buf` freed.
+            let done = unsafe {
+                sys::cuMemcpyDtoHAsync_v2(host[p.clone()].as_mut_ptr().cast(), base + r.start as u64, r.len(), stream)
+            };
+            if done.result().is_err() {
+                let _ = self.copy.synchronize();
+                return false;
+            }
+        }
+        self.copy.synchronize().is_ok()
+    }
+}
+
 impl ExpertTier {
+    /// What changed since the last call, for the caller to mirror in the RAM tier so that each
+    /// expert lives in one tier: the experts uploaded and kept (resident still), and those
+    /// evicted (not resident again), whose device copies stay until the [`EvictedExpert`]s drop.
+    /// Until the first call nothing is held.
+    pub fn settle(&self) -> (Vec<(usize, usize)>, Vec<EvictedExpert>) {
+        let mut s = self.state.lock().unwrap();
+        s.settling = true;
+        let (kept, evicted) = (std::mem::take(&mut s.kept), std::mem::take(&mut s.evicted));
+        let resident = |k: &Key| s.cache.as_ref().is_some_and(|c| c.contains(*k));
+        let kept: Vec<Key> = kept.into_iter().filter(|k| resident(k)).collect();
+        let (gone, back): (Vec<_>, Vec<_>) = evicted.into_iter().partition(|e| !resident(&e.key));
+        drop(s);
+        // Evicted and uploaded again since: nothing to hand back.
+        drop(back);
+        let evicted = gone.into_iter().map(|entry| EvictedExpert { entry, copy: self.copy.clone() }).collect();
+        (kept, evicted)
+    }
+
     /// Sets the budget; an `auto` one is resolved now from free device memory. What no longer
     /// fits is evicted.
     pub fn set_budget(&self, budget: VramBudget) -> Result<()> {
@@ -201,6 +284,7 @@ impl ExpertTier {
                 Some(c) => c.set_budget(bytes, &mut evicted),
                 None => s.cache = Some(Policy::new(bytes)),
             }
+            s.hand_back(&mut evicted);
         }
         drop(evicted);
         Ok(())
@@ -254,19 +338,25 @@ impl ExpertTier {
                 c.touch((layer, id));
                 s.cache = Some(c);
             }
-            s.cache.as_mut().unwrap().make_room(len as u64, &mut evicted)
+            let fits = s.cache.as_mut().unwrap().make_room(len as u64, &mut evicted);
+            s.hand_back(&mut evicted);
+            fits
         };
         // Evicted buffers are freed on the copy stream, ahead of the allocation below.
         drop(evicted);
         let buf = Arc::new(self.copy_in(&parts, &ranges, len)?);
         let matrices = [0, 1, 2].map(|i| DeviceMatrix::in_buffer(parts[i], buf.clone(), ranges[i].clone()));
         let last_use = self.ctx.new_event(None).what("creating an event")?;
-        let entry = Arc::new(Entry { matrices, last_use, copy: self.copy.clone() });
+        let entry = Arc::new(Entry { key: (layer, id), matrices, last_use, copy: self.copy.clone() });
         let mut evicted = Vec::new();
         {
             let mut s = self.state.lock().unwrap();
             s.bytes_uploaded += len as u64;
             let kept = fits && s.cache.as_mut().unwrap().insert((layer, id), entry.clone(), len as u64, &mut evicted);
+            s.hand_back(&mut evicted);
+            if kept && s.settling {
+                s.kept.push((layer, id));
+            }
             if !kept {
                 // Freed a few uploads later, so that the next copies need not wait for the kernels
                 // reading this one (a free is ordered after its last use on the copy stream).

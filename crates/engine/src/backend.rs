@@ -115,6 +115,12 @@ pub trait Backend: Send + Sync {
     where
         F: FnOnce() -> Result<moe_store::Expert>;
 
+    /// Keeps each routed expert in one tier: releases from `store`'s RAM tier the experts this
+    /// backend has taken into its device-memory tier since the last call, and gives `store` back
+    /// the ones it has evicted (copied out of device memory) instead of dropping them. The model
+    /// calls it after each layer's experts.
+    fn settle_experts(&self, _store: &dyn ExpertSource) {}
+
     /// Whether routed expert `id` of `layer` is resident on the device, so that
     /// [`expert_weights`](Self::expert_weights) will not fetch it (the model prefetches the others).
     fn has_expert(&self, _layer: usize, _id: usize) -> bool {

@@ -422,6 +422,17 @@ impl Backend for CudaBackend {
         Ok(self.tier.upload(layer, id, [&e.gate, &e.up, &e.down])?)
     }
 
+    fn settle_experts(&self, store: &dyn ExpertSource) {
+        let (kept, evicted) = self.tier.settle();
+        for (layer, e) in kept {
+            store.release(layer, e);
+        }
+        for x in evicted {
+            let (layer, e) = x.key();
+            store.adopt(layer, e, &mut |host, parts| x.copy_to_host(host, parts));
+        }
+    }
+
     fn check_memory(&self, dense_bytes: u64) -> Result<()> {
         let (free, _) = self.gpu.memory()?;
         let (free, headroom) = (free as u64, moe_cuda::VRAM_HEADROOM);

@@ -487,6 +487,7 @@ impl<B: Backend> Model<B> {
         };
         let (routing, store) = (Routing::of(c), &*self.experts);
         if let Some(uses) = b.routed_experts_on_device(layer, &routing, n, &logits, x, store, &shared, &mut acc)? {
+            b.settle_experts(store);
             clock.lap(&mut prof.experts);
             prof.expert_uses += uses;
             return Ok(acc);
@@ -520,6 +521,8 @@ impl<B: Backend> Model<B> {
             b.expert_ffn(g, u, d, x, rows, scales, &mut acc);
             clock.lap(&mut prof.experts);
         }
+        b.settle_experts(store);
+        clock.lap(&mut prof.expert_wait);
         prof.expert_uses += routes.len();
         Ok(acc)
     }

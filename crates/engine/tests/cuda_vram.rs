@@ -1,7 +1,9 @@
 //! The GPU-memory tier of routed experts (`--vram-budget`): whole-model logits are identical
 //! whatever the budget (0: upload every use; three experts: constant eviction; 1 GiB: everything
-//! stays; a prefill with every expert resident runs on the device, equal up to rounding), and hits, misses and evictions follow the policy (least used first, ties to the least
-//! recent) on a crafted sequence, with every handle's matrices computing what the CPU computes.
+//! stays; a prefill with every expert resident runs on the device, equal up to rounding); each
+//! expert lives in one tier (GPU memory or RAM, evicted ones copied back to RAM); and hits, misses
+//! and evictions follow the policy (least used first, ties to the least recent) on a crafted
+//! sequence, with every handle's matrices computing what the CPU computes.
 //!
 //! Without a GPU or CUDA driver each test prints "SKIPPED <test>: no CUDA device" to stderr
 //! and returns; with `FLASH_MOE_REQUIRE_CUDA=1` a missing device fails instead. The fixtures are
@@ -92,6 +94,16 @@ fn identical_across_budgets(test: &str, name: &str) {
     assert!(s.evictions > 0, "{name}: a budget of three experts evicted nothing: {s:?}");
     assert!(counts.iter().all(|c| c.misses > 0), "{name}: {counts:?}");
     println!("{name}: tiny budget ({tiny} bytes): {counts:?}, {s:?}");
+    // Each expert in one tier: those in GPU memory were released from RAM, the evicted ones came
+    // back to RAM from the device (and, read back from there, gave the same logits above).
+    let (ram, c) = (model.experts().stats(), &model.config);
+    assert!(ram.released > 0 && ram.adopted > 0, "{name}: {ram:?}");
+    for l in 0..c.layers.len() {
+        for e in 0..c.experts {
+            let (vram, in_ram) = (model.backend().has_expert(l, e), model.experts().is_resident(l, e));
+            assert!(!(vram && in_ram), "{name}: expert {e} of layer {l} in GPU memory and in RAM");
+        }
+    }
 
     // 1 GiB: the first pass uploads each (layer, expert) once, the third pass (the first again)
     // hits every time.

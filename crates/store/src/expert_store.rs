@@ -33,10 +33,11 @@ use crate::cache::Cache;
 use crate::layout::ExpertLayout;
 use crate::options::{Eviction, StoreOptions, format_bytes};
 use crate::reader::{AlignedBuf, PendingRead, READ_CHUNK, Reader};
-use crate::{Expert, ExpertSource, StoreError};
+use crate::{Expert, ExpertSource, Fill, StoreError};
 use moe_core::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -72,6 +73,8 @@ pub struct StoreStats {
     /// Experts dropped from RAM by [`ExpertSource::release`] because the caller keeps them in a
     /// faster tier now (not counted in `evictions`).
     pub released: u64,
+    /// Experts taken into RAM by [`ExpertSource::adopt`] from a faster tier that gave them up.
+    pub adopted: u64,
     /// Bytes and count of the experts resident in RAM now.
     pub resident_bytes: u64,
     pub resident_experts: u64,
@@ -125,13 +128,14 @@ impl fmt::Display for StoreStats {
         writeln!(f, "waited on I/O: {:.3} s", self.stall_time.as_secs_f64())?;
         write!(
             f,
-            "RAM tier: {} experts, {} of {} (peak {}), {} evictions, {} released to a faster tier",
+            "RAM tier: {} experts, {} of {} (peak {}), {} evictions, {} released to a faster tier, {} taken back",
             self.resident_experts,
             format_bytes(self.resident_bytes),
             format_bytes(self.budget_bytes),
             format_bytes(self.peak_resident_bytes),
             self.evictions,
-            self.released
+            self.released,
+            self.adopted
         )
     }
 }
@@ -207,6 +211,7 @@ struct Counters {
     read_ns: AtomicU64,
     stall_ns: AtomicU64,
     released: AtomicU64,
+    adopted: AtomicU64,
 }
 
 /// Reads in flight and the wall time with at least one.
@@ -274,6 +279,15 @@ impl Shared {
 
     fn split(&self, key: usize) -> (usize, usize) {
         (key / self.layout.experts(), key % self.layout.experts())
+    }
+
+    /// Where the nine parts of an expert (`adopt`'s order) lie in a buffer of `len` bytes: carved
+    /// from a zeroed vector, whose pages a large allocation never touches.
+    fn part_ranges(&self, layer: usize, expert: usize, len: usize) -> [Range<usize>; 9] {
+        let x = self.layout.carve(layer, expert, &Bytes::from_vec(vec![0; len]));
+        let [g, u, d] = [&x.gate, &x.up, &x.down];
+        let parts = [&g.data, &g.scales, &g.biases, &u.data, &u.scales, &u.biases, &d.data, &d.scales, &d.biases];
+        parts.map(|b| b.offset()..b.offset() + b.len())
     }
 
     fn carve(&self, key: usize, buf: Arc<AlignedBuf>) -> Expert {
@@ -564,11 +578,6 @@ impl ExpertStore {
         self.shared.reader.direct()
     }
 
-    /// Whether the expert is resident in RAM (out-of-range ids are not).
-    pub fn is_resident(&self, layer: usize, expert: usize) -> bool {
-        self.shared.key(layer, expert).is_ok_and(|k| lock(&self.shared.state).cache.contains(k))
-    }
-
     /// Counts the request and finds the expert in RAM, in flight, or registers a read for it.
     fn find(&self, st: &mut State, key: usize) -> Found {
         let c = &self.shared.counters;
@@ -714,6 +723,37 @@ impl ExpertSource for ExpertStore {
         drop(dropped);
     }
 
+    fn adopt(&self, layer: usize, expert: usize, fill: &mut Fill<'_>) -> bool {
+        let s = &self.shared;
+        let Ok(key) = s.key(layer, expert) else { return false };
+        let len = s.layout.plan(layer, expert, s.reader.direct()).buf_len;
+        let taken = |st: &State| st.cache.contains(key) || st.inflight.contains_key(&key);
+        {
+            let st = lock(&s.state);
+            if len as u64 > st.cache.budget() || taken(&st) {
+                return false;
+            }
+        }
+        let parts = s.part_ranges(layer, expert, len);
+        let Some(buf) = s.reader.filled(len, &parts, &mut |b| fill(b, &parts)) else { return false };
+        let mut evicted = Vec::new();
+        let kept = {
+            let mut st = lock(&s.state);
+            // Read meanwhile on someone's request: that copy stands.
+            !taken(&st) && st.cache.insert(key, Arc::new(buf), len as u64, &mut evicted)
+        };
+        // Freed outside the lock.
+        drop(evicted);
+        if kept {
+            s.counters.adopted.fetch_add(1, Ordering::Relaxed);
+        }
+        kept
+    }
+
+    fn is_resident(&self, layer: usize, expert: usize) -> bool {
+        self.shared.key(layer, expert).is_ok_and(|k| lock(&self.shared.state).cache.contains(k))
+    }
+
     fn stats(&self) -> StoreStats {
         let s = &self.shared;
         let c = &s.counters;
@@ -735,6 +775,7 @@ impl ExpertSource for ExpertStore {
             stall_time: ns(&c.stall_ns),
             evictions: st.cache.evictions(),
             released: c.released.load(Ordering::Relaxed),
+            adopted: c.adopted.load(Ordering::Relaxed),
             resident_bytes: st.cache.bytes(),
             resident_experts: st.cache.resident() as u64,
             peak_resident_bytes: st.cache.peak(),
@@ -756,6 +797,7 @@ impl ExpertSource for ExpertStore {
             &c.read_ns,
             &c.stall_ns,
             &c.released,
+            &c.adopted,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -782,6 +824,7 @@ mod tests {
     use crate::layout::{Extent, ReadPlan};
     use crate::options::Budget;
     use moe_core::{DType, Matrix};
+    use std::mem::MaybeUninit;
     use std::path::{Path, PathBuf};
 
     /// `experts` experts of `len` bytes back to back in one file; gate is the whole record (as
@@ -921,5 +964,38 @@ mod tests {
         assert_eq!(bytes_of(&store.expert(0, 1).unwrap()), &data[len..2 * len]);
         let s = store.stats();
         assert_eq!((s.reads, s.bytes_read, s.resident_experts), (2, 2 * len as u64, 2), "{s:?}");
+    }
+
+    /// An expert handed back from a faster tier lands in RAM as a read of it would (the same
+    /// bytes, a hit next time, nothing read); one resident already, out of range, or whose fill
+    /// fails is not taken.
+    #[test]
+    fn adopted_experts_are_hits_with_their_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, data) = flat(tmp.path(), 4, 3, 2);
+        let len = 3 * CHUNK;
+        let from = |e: usize| {
+            let src = data[e * len..(e + 1) * len].to_vec();
+            move |host: &mut [MaybeUninit<u8>], parts: &[Range<usize>; 9]| {
+                for p in parts.iter().filter(|p| !p.is_empty()) {
+                    for (d, &b) in host[p.clone()].iter_mut().zip(&src[p.clone()]) {
+                        d.write(b);
+                    }
+                }
+                true
+            }
+        };
+        assert!(store.adopt(0, 2, &mut from(2)));
+        assert!(store.is_resident(0, 2));
+        assert_eq!(bytes_of(&store.expert(0, 2).unwrap()), &data[2 * len..3 * len]);
+        let s = store.stats();
+        assert_eq!((s.adopted, s.hits, s.reads, s.resident_experts), (1, 1, 0, 1), "{s:?}");
+
+        assert!(!store.adopt(0, 2, &mut from(2)), "resident already");
+        assert!(!store.adopt(0, 9, &mut from(1)), "out of range");
+        assert!(!store.adopt(0, 1, &mut |_, _| false), "a failed fill");
+        assert!(!store.is_resident(0, 1));
+        assert_eq!(bytes_of(&store.expert(0, 1).unwrap()), &data[len..2 * len]);
+        assert_eq!(store.stats().adopted, 1);
     }
 }

@@ -115,6 +115,9 @@ impl Expert {
     }
 }
 
+/// Writes an expert's parts into a buffer (see [`ExpertSource::adopt`]).
+pub type Fill<'a> = dyn FnMut(&mut [std::mem::MaybeUninit<u8>], &[std::ops::Range<usize>; 9]) -> bool + 'a;
+
 /// Routed experts, fetched per use. Implementations must be safe to call from many threads.
 pub trait ExpertSource: Send + Sync {
     fn expert(&self, layer: usize, expert: usize) -> Result<Expert, StoreError>;
@@ -130,6 +133,21 @@ pub trait ExpertSource: Send + Sync {
     /// so that the expert lives in one tier at a time. Expert buffers handed out stay valid. Free
     /// to ignore; ids out of range are ignored.
     fn release(&self, _layer: usize, _expert: usize) {}
+    /// Takes expert `expert` of `layer` into the RAM tier from a faster tier that gives it up (GPU
+    /// memory evicting it), so that it lives in one tier at a time and comes back without a disk
+    /// read: the source makes a buffer laid out as a read of the expert would be, and `fill`
+    /// writes the expert's nine parts into it at the ranges it is given (gate codes, scales and
+    /// biases, then up's, then down's; a float matrix's scales and biases are empty) and says
+    /// whether it did. Whether the expert was kept: not where the source has no RAM tier, its
+    /// budget cannot hold the expert, the expert is resident or being read already, or `fill`
+    /// failed. The default keeps nothing.
+    fn adopt(&self, _layer: usize, _expert: usize, _fill: &mut Fill<'_>) -> bool {
+        false
+    }
+    /// Whether the expert is resident in the source's RAM tier now (ids out of range are not).
+    fn is_resident(&self, _layer: usize, _expert: usize) -> bool {
+        false
+    }
     /// A snapshot of the source's counters (zeros for sources that keep none).
     fn stats(&self) -> StoreStats {
         StoreStats::default()

@@ -17,6 +17,8 @@ use moe_core::HostMemory;
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -257,6 +259,32 @@ impl Reader {
     /// `direct`): allocates the buffer and splits the extents into chunks of at most `chunk`
     /// bytes (a multiple of [`DIRECT_ALIGN`]). Panics if an extent lies outside the buffer or
     /// names no file (a layout bug).
+    /// A buffer of `len` bytes, from the same memory as the reads', made from elsewhere than the
+    /// disk: `fill` writes the disjoint byte ranges `parts` (it is given the whole buffer), and
+    /// every other byte is zeroed. `None` if `fill` fails.
+    pub fn filled(
+        &self,
+        len: usize,
+        parts: &[Range<usize>],
+        fill: &mut dyn FnMut(&mut [MaybeUninit<u8>]) -> bool,
+    ) -> Option<AlignedBuf> {
+        let mut buf = RawBuf::new(len, self.memory.as_ref());
+        let mut sorted = parts.to_vec();
+        sorted.sort_by_key(|r| r.start);
+        let mut at = 0;
+        for r in sorted.iter().chain(std::iter::once(&(len..len))) {
+            assert!(r.start <= r.end && r.end <= len, "part {r:?} outside {len} bytes");
+            if r.start > at {
+                buf.zero(at, r.start);
+            }
+            at = at.max(r.end);
+        }
+        // SAFETY: our own allocation of `len` bytes; `MaybeUninit` needs no initialised bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.ptr.as_ptr().cast::<MaybeUninit<u8>>(), len) };
+        // The parts are initialised only if `fill` says it wrote them.
+        fill(bytes).then_some(AlignedBuf(buf))
+    }
+
     pub fn start(&self, plan: ReadPlan, layer: usize, expert: usize, direct: bool, chunk: usize) -> PendingRead {
         assert!(chunk > 0 && chunk.is_multiple_of(DIRECT_ALIGN), "chunk size {chunk}");
         let mut chunks = Vec::new();

@@ -143,7 +143,7 @@ pub fn print_stats<B: moe_engine::Backend>(s: &GenerateStats, model: &moe_engine
 pub fn store_stats<B: moe_engine::Backend>(model: &moe_engine::Model<B>) -> String {
     let s = model.experts().stats();
     format!(
-        "[experts: {} requests, {:.1}% from RAM, {} read from disk ({:.1} MiB at {:.2} GB/s), waited {:.2}s on I/O, {} evictions, {} released to VRAM, {:.1} MiB resident]",
+        "[experts: {} requests, {:.1}% from RAM, {} read from disk ({:.1} MiB at {:.2} GB/s), waited {:.2}s on I/O, {} evictions, {} released to VRAM, {} taken back from it, {:.1} MiB resident]",
         s.requests(),
         100.0 * s.hit_rate(),
         s.reads,
@@ -152,6 +152,7 @@ pub fn store_stats<B: moe_engine::Backend>(model: &moe_engine::Model<B>) -> Stri
         s.stall_time.as_secs_f64(),
         s.evictions,
         s.released,
+        s.adopted,
         s.resident_bytes as f64 / (1 << 20) as f64,
     )
 }
