@@ -48,23 +48,6 @@ __device__ __forceinline__ void grid_start() {
     grid_wait();
 }
 
-// Whether this block is the last of its group of `blocks` to get here: then every other block's
-// writes before its call are visible to it. `counter` (zero before the group's first call) is
-// zero again afterwards, for the next launch. All threads of the block must call it. (The
-// pattern of CUDA's threadFenceReduction sample: one launch instead of a second kernel that
-// would wait for this one to end.)
-__device__ __forceinline__ bool last_block(u32* counter, u32 blocks) {
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(counter, 1u) == blocks - 1;
-        if (last) *counter = 0;
-    }
-    __syncthreads();
-    return last;
-}
-
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float bf16_to_f32(u32 bits) { return __uint_as_float(bits << 16); }

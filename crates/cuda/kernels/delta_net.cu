@@ -4,96 +4,61 @@
 // its first column and the row stride.
 
 #define DN_MAX_KERNEL 8
-// Channels of one head per thread: heads of up to DN_CONV_THREADS x DN_CONV_PER_THREAD channels.
-#define DN_CONV_THREADS 128
-#define DN_CONV_PER_THREAD 4
 
-// Grid (tokens, 2 * k_heads + v_heads), DN_CONV_THREADS threads: the convolution and SiLU of one
-// token's channels of one head (q heads, k heads, then v heads), then for q and k heads the L2
-// norm over the head (q also scaled by 1/sqrt(k_dim)). Each output depends on the inputs alone,
-// so every token runs at once; `hist` is [kernel - 1, channels], oldest first, the inputs before
-// the first token. `counters` has one per head.
-extern "C" __global__ void __launch_bounds__(DN_CONV_THREADS)
-    dn_conv_norm(const float* __restrict__ qkv, int stride, const float* __restrict__ w, float* __restrict__ hist,
-                 float* __restrict__ mixed, int channels, int kernel, int tokens, int k_heads, int k_dim, int v_dim,
-                 u32* __restrict__ counters) {
-    __shared__ float red[32];
-    const int t = blockIdx.x, head = blockIdx.y;
-    const bool qk = head < 2 * k_heads;
-    const int dim = qk ? k_dim : v_dim;
-    const int first = qk ? head * k_dim : 2 * k_heads * k_dim + (head - 2 * k_heads) * v_dim;
+// One thread per channel walks the tokens; `hist` is [kernel - 1, channels], oldest first.
+extern "C" __global__ void dn_conv(const float* __restrict__ qkv, int stride, const float* __restrict__ w,
+                                   float* __restrict__ hist, float* __restrict__ mixed, int channels, int kernel,
+                                   int tokens) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     // The weights before waiting for the kernel ahead (no kernel writes them).
-    float wk[DN_CONV_PER_THREAD][DN_MAX_KERNEL];
+    float wk[DN_MAX_KERNEL];
 #pragma unroll
-    for (int c = 0; c < DN_CONV_PER_THREAD; c++) {
-        const int i = threadIdx.x + c * DN_CONV_THREADS;
+    for (int j = 0; j < DN_MAX_KERNEL; j++) wk[j] = j < kernel && ch < channels ? w[(u64)ch * kernel + j] : 0.0f;
+    grid_start();
+    if (ch >= channels) return;
+    float h[DN_MAX_KERNEL - 1];
+#pragma unroll
+    for (int j = 0; j < DN_MAX_KERNEL - 1; j++) h[j] = j < kernel - 1 ? hist[(u64)j * channels + ch] : 0.0f;
+    for (int t = 0; t < tokens; t++) {
+        const float in = qkv[(u64)t * stride + ch];
+        float acc = 0.0f, last = 0.0f;
 #pragma unroll
         for (int j = 0; j < DN_MAX_KERNEL; j++)
-            wk[c][j] = i < dim && j < kernel ? w[(u64)(first + i) * kernel + j] : 0.0f;
+            if (j == kernel - 1) last = wk[j];
+        acc = last * in;
+#pragma unroll
+        for (int j = 0; j < DN_MAX_KERNEL - 1; j++)
+            if (j < kernel - 1) acc = fmaf(wk[j], h[j], acc);
+        mixed[(u64)t * channels + ch] = siluf_(acc);
+#pragma unroll
+        for (int j = 0; j < DN_MAX_KERNEL - 2; j++)
+            if (j < kernel - 2) h[j] = h[j + 1];
+#pragma unroll
+        for (int j = 0; j < DN_MAX_KERNEL - 1; j++)
+            if (j == kernel - 2) h[j] = in;
     }
+#pragma unroll
+    for (int j = 0; j < DN_MAX_KERNEL - 1; j++)
+        if (j < kernel - 1) hist[(u64)j * channels + ch] = h[j];
+}
+
+// Grid (tokens, 2 * k_heads): L2-normalise each q and k head in place; q heads are also scaled
+// by 1/sqrt(k_dim).
+extern "C" __global__ void dn_qk_norm(float* __restrict__ mixed, int channels, int k_heads, int k_dim) {
     grid_start();
-    float y[DN_CONV_PER_THREAD];
-    float ss = 0.0f;
-#pragma unroll
-    for (int c = 0; c < DN_CONV_PER_THREAD; c++) {
-        const int i = threadIdx.x + c * DN_CONV_THREADS, ch = first + i;
-        float acc = 0.0f;
-        if (i < dim) {
-#pragma unroll
-            for (int j = 0; j < DN_MAX_KERNEL; j++) {
-                // Input j of the window ending at token t: token s, or history row kernel - 1 + s.
-                const int s = t - (kernel - 1) + j;
-                if (j < kernel)
-                    acc = fmaf(wk[c][j], s >= 0 ? qkv[(u64)s * stride + ch] : hist[(u64)(kernel - 1 + s) * channels + ch],
-                               acc);
-            }
-        }
-        y[c] = siluf_(acc);
-        ss = fmaf(y[c], y[c], ss);
-    }
-    float scale = 1.0f;
-    if (qk) {
-        scale = 1.0f / sqrtf(block_sum(ss, red) + 1e-6f);
-        if (head < k_heads) scale *= 1.0f / sqrtf((float)k_dim);
-    }
-#pragma unroll
-    for (int c = 0; c < DN_CONV_PER_THREAD; c++) {
-        const int i = threadIdx.x + c * DN_CONV_THREADS;
-        if (i < dim) mixed[(u64)t * channels + first + i] = y[c] * scale;
-    }
-    // The head's last block (of its `tokens`) moves the history of the head's channels on: row j
-    // becomes input tokens - (kernel - 1) + j, a token or a later history row (read before it is
-    // overwritten: rows are rewritten in ascending order).
-    if (!last_block(counters + head, gridDim.x)) return;
-#pragma unroll
-    for (int c = 0; c < DN_CONV_PER_THREAD; c++) {
-        const int i = threadIdx.x + c * DN_CONV_THREADS, ch = first + i;
-        if (i < dim) {
-            for (int j = 0; j < kernel - 1; j++) {
-                const int s = tokens - (kernel - 1) + j;
-                hist[(u64)j * channels + ch] = s >= 0 ? qkv[(u64)s * stride + ch] : hist[(u64)(kernel - 1 + s) * channels + ch];
-            }
-        }
-    }
-}
-
-// o = rmsnorm(o) * w * silu(z) over one head's v_dim outputs of one token, by the whole block.
-__device__ __forceinline__ void gated_norm_row(float* o, const float* __restrict__ z, const float* __restrict__ w,
-                                               int v_dim, float eps) {
     __shared__ float red[32];
+    const int t = blockIdx.x, head = blockIdx.y;
+    float* x = mixed + (u64)t * channels + (u64)head * k_dim;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) ss = fmaf(o[i], o[i], ss);
-    const float inv = 1.0f / sqrtf(block_sum(ss, red) / (float)v_dim + eps);
-    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) o[i] = o[i] * inv * w[i] * siluf_(z[i]);
-}
-
-// `gated_norm_row` for head h of every token (out `[tokens, v_heads * v_dim]`, z rows `stride`
-// apart).
-__device__ __forceinline__ void gated_norm_head(float* out, const float* __restrict__ z, int stride,
-                                                const float* __restrict__ w, int h, int v_heads, int v_dim, float eps,
-                                                int tokens) {
-    for (int t = 0; t < tokens; t++)
-        gated_norm_row(out + ((u64)t * v_heads + h) * v_dim, z + (u64)t * stride + (u64)h * v_dim, w, v_dim, eps);
+    for (int i = threadIdx.x; i < k_dim; i += blockDim.x) ss = fmaf(x[i], x[i], ss);
+    const float total = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(total + 1e-6f);
+    const float scale = 1.0f / sqrtf((float)k_dim);
+    for (int i = threadIdx.x; i < k_dim; i += blockDim.x) {
+        float v = x[i] * inv;
+        if (head < k_heads) v *= scale;
+        x[i] = v;
+    }
 }
 
 // The k_dim rows of a head's state are split over DN_SLICES warps, DN_ROWS rows at most each
@@ -110,8 +75,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     dn_recurrence(const float* __restrict__ mixed, const float* __restrict__ beta_in, const float* __restrict__ a_in,
                   int stride, const float* __restrict__ a_log, const float* __restrict__ dt_bias,
                   float* __restrict__ ssm, float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim,
-                  int v_dim, int tokens, const float* __restrict__ z, const float* __restrict__ norm, float eps,
-                  u32* __restrict__ counters) {
+                  int v_dim, int tokens) {
     grid_start();
     extern __shared__ float smem[];
     float* qs = smem;         // k_dim
@@ -182,8 +146,6 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
         const int i = r * DN_SLICES + w;
         if (valid && i < k_dim) state[(u64)i * v_dim + j] = S[r];
     }
-    // The gated norm needs the head's every column: the head's last column block applies it.
-    if (last_block(counters + h, gridDim.y)) gated_norm_head(out, z, stride, norm, h, v_heads, v_dim, eps, tokens);
 }
 
 // Chunked prefill of the same rule (the WY form of transformers' torch_chunk_gated_delta_rule),
@@ -330,10 +292,16 @@ extern "C" __global__ void __launch_bounds__(DN_CHUNK_THREADS)
         if (valid) state[(u64)m * v_dim + lane] = S[m * DN_COLS + lane];
 }
 
-// Grid (tokens, v_heads): o = rmsnorm(o) * w * silu(z), in place, after the chunked kernel.
+// Grid (tokens, v_heads): o = rmsnorm(o) * w * silu(z), in place.
 extern "C" __global__ void dn_gated_norm(float* __restrict__ o, const float* __restrict__ z, int stride,
                                          const float* __restrict__ w, int v_heads, int v_dim, float eps) {
     grid_start();
-    gated_norm_row(o + ((u64)blockIdx.x * v_heads + blockIdx.y) * v_dim, z + (u64)blockIdx.x * stride + (u64)blockIdx.y * v_dim,
-                   w, v_dim, eps);
+    __shared__ float red[32];
+    const u64 base = (u64)blockIdx.x * v_heads * v_dim + (u64)blockIdx.y * v_dim;
+    const float* zh = z + (u64)blockIdx.x * stride + (u64)blockIdx.y * v_dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) ss = fmaf(o[base + i], o[base + i], ss);
+    const float total = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(total / (float)v_dim + eps);
+    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) o[base + i] = o[base + i] * inv * w[i] * siluf_(zh[i]);
 }

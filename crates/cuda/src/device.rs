@@ -52,7 +52,8 @@ pub(crate) const KERNELS: &[&str] = &[
     "scatter_add",
     "attn_append_kv",
     "attn_decode",
-    "dn_conv_norm",
+    "dn_conv",
+    "dn_qk_norm",
     "dn_recurrence",
     "dn_chunk",
     "dn_gated_norm",
@@ -93,12 +94,6 @@ const TILE: u32 = 64;
 const ATTN_MAX_HEAD_DIM: usize = 512;
 const ATTN_THREADS: u32 = 128;
 const DN_MAX_KERNEL: usize = 8;
-/// The convolution's threads and channels per thread: heads of at most their product channels.
-const DN_CONV_THREADS: u32 = 128;
-const DN_MAX_HEAD: usize = DN_CONV_THREADS as usize * 4;
-/// Counters for `last_block` (common.cuh), one per group of blocks: kernels on one stream take
-/// turns with them (each uses them only after waiting for the one before it to end).
-const COUNTERS: usize = 1024;
 /// The DeltaNet recurrence's warps per block, and the rows of the state each covers at most.
 const DN_SLICES: u32 = 8;
 const DN_MAX_K_DIM: usize = DN_SLICES as usize * 40;
@@ -207,9 +202,6 @@ pub struct Gpu {
     functions: HashMap<&'static str, CudaFunction>,
     /// Stands in for the absent scales and biases of float formats.
     dummy: CudaSlice<u8>,
-    /// Zeroed counters of kernels whose last block finishes the work (`last_block` in
-    /// common.cuh), which leaves them zero again; launches on one stream take turns with them.
-    counters: CudaSlice<u32>,
     name: String,
     capability: (i32, i32),
     /// Kernels may start before the one ahead of them ends (see `launch.rs`).
@@ -326,14 +318,13 @@ impl Gpu {
             functions.insert(k, module.load_function(k).what("looking up a kernel")?);
         }
         let dummy = stream.alloc_zeros::<u8>(16).what("allocating")?;
-        let counters = stream.alloc_zeros::<u32>(COUNTERS).what("allocating")?;
         // FLASH_MOE_EARLY_LAUNCH=0 turns early launches off, to measure what they give.
         let early_launch = capability.0 >= 9 && env_on("FLASH_MOE_EARLY_LAUNCH");
         // FLASH_MOE_BULK=0 keeps the weights of one-token kernels in registers instead.
         let bulk_copies = capability.0 >= 9 && env_on("FLASH_MOE_BULK");
         // FLASH_MOE_DN_CHUNK=0 runs every DeltaNet prefill token by token.
         let dn_chunk_smem = if env_on("FLASH_MOE_DN_CHUNK") { opt_in_shared(&ctx, &functions["dn_chunk"])? } else { 0 };
-        Ok(Gpu { ctx, stream, functions, dummy, counters, name, capability, early_launch, bulk_copies, dn_chunk_smem })
+        Ok(Gpu { ctx, stream, functions, dummy, name, capability, early_launch, bulk_copies, dn_chunk_smem })
     }
 
     /// The same device and kernels on a second stream, for work that can run beside this one's:
@@ -342,13 +333,11 @@ impl Gpu {
     pub fn side_stream(&self) -> Result<Gpu> {
         let stream = self.ctx.new_stream().what("creating a stream")?;
         let dummy = stream.alloc_zeros::<u8>(16).what("allocating")?;
-        let counters = stream.alloc_zeros::<u32>(COUNTERS).what("allocating")?;
         Ok(Gpu {
             ctx: self.ctx.clone(),
             stream,
             functions: self.functions.clone(),
             dummy,
-            counters,
             name: self.name.clone(),
             capability: self.capability,
             early_launch: self.early_launch,
@@ -786,17 +775,9 @@ impl Gpu {
             return Ok(());
         }
         let (kh, vh, dk, dv, kk) = (p.k_heads, p.v_heads, p.k_dim, p.v_dim, p.conv_kernel);
-        if kk == 0
-            || kk > DN_MAX_KERNEL
-            || dk > DN_MAX_K_DIM
-            || dv > DN_MAX_HEAD
-            || kh == 0
-            || !vh.is_multiple_of(kh)
-            || 2 * kh + vh > COUNTERS
-        {
+        if kk == 0 || kk > DN_MAX_KERNEL || dk > DN_MAX_K_DIM || kh == 0 || !vh.is_multiple_of(kh) {
             return Err(Error::Unsupported(format!(
-                "DeltaNet with conv kernel {kk} (at most {DN_MAX_KERNEL}), k_dim {dk} (at most {DN_MAX_K_DIM}), v_dim {dv} \
-                 (at most {DN_MAX_HEAD}), {kh} key heads, {vh} value heads (a multiple of the key heads; at most {COUNTERS} heads in all)"
+                "DeltaNet with conv kernel {kk} (at most {DN_MAX_KERNEL}), k_dim {dk} (at most {DN_MAX_K_DIM}), {kh} key heads, {vh} value heads"
             )));
         }
         let (cw, vw, pw) = (p.conv_width(), p.value_width(), p.proj_width());
@@ -811,48 +792,46 @@ impl Gpu {
         let (kh_i, vh_i, dk_i, dv_i) =
             (i32_of(kh, "k_heads"), i32_of(vh, "v_heads"), i32_of(dk, "k_dim"), i32_of(dv, "v_dim"));
 
+        let mut b = self.launch(self.f("dn_conv"));
+        b.arg(proj).arg(&pw_i).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i);
+        unsafe { b.launch(grid_1d(cw, 128)) }.what("launching dn_conv")?;
+
+        let threads = (dk.next_power_of_two() as u32).clamp(32, 256);
         let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, (2 * kh + vh) as u32, 1),
-            block_dim: (DN_CONV_THREADS, 1, 1),
+            grid_dim: (tokens as u32, 2 * kh as u32, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.launch(self.f("dn_conv_norm"));
-        b.arg(proj).arg(&pw_i).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i);
-        b.arg(&kh_i).arg(&dk_i).arg(&dv_i).arg(&self.counters);
-        unsafe { b.launch(cfg) }.what("launching dn_conv_norm")?;
+        let mut b = self.launch(self.f("dn_qk_norm"));
+        b.arg(&mut mixed).arg(&cw_i).arg(&kh_i).arg(&dk_i);
+        unsafe { b.launch(cfg) }.what("launching dn_qk_norm")?;
 
-        let eps = p.eps;
         // Keys and queries of a chunk (rows padded by one float), then the block's state columns.
         let chunk_smem = (2 * DN_CHUNK * (dk + 1) + dk * DN_COLS) * 4;
-        if tokens >= DN_CHUNK_MIN_TOKENS && chunk_smem <= self.dn_chunk_smem {
+        let (name, cfg) = if tokens >= DN_CHUNK_MIN_TOKENS && chunk_smem <= self.dn_chunk_smem {
             let grid_dim = (vh as u32, dv.div_ceil(DN_COLS) as u32, 1);
-            let cfg =
-                LaunchConfig { grid_dim, block_dim: (DN_CHUNK_THREADS, 1, 1), shared_mem_bytes: chunk_smem as u32 };
-            let mut b = self.launch(self.f("dn_chunk"));
-            b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
-            b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
-            unsafe { b.launch(cfg) }.what("launching dn_chunk")?;
-
-            let threads = (dv.next_power_of_two() as u32).clamp(32, 256);
-            let cfg = LaunchConfig {
-                grid_dim: (tokens as u32, vh as u32, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = self.launch(self.f("dn_gated_norm"));
-            b.arg(&mut *out).arg(&z).arg(&pw_i).arg(norm).arg(&vh_i).arg(&dv_i).arg(&eps);
-            unsafe { b.launch(cfg) }.what("launching dn_gated_norm")?;
+            (
+                "dn_chunk",
+                LaunchConfig { grid_dim, block_dim: (DN_CHUNK_THREADS, 1, 1), shared_mem_bytes: chunk_smem as u32 },
+            )
         } else {
-            // The token-by-token recurrence, which applies the gated norm itself.
             let grid_dim = (vh as u32, dv.div_ceil(32) as u32, 1);
             let cfg =
                 LaunchConfig { grid_dim, block_dim: (32 * DN_SLICES, 1, 1), shared_mem_bytes: (2 * dk * 4) as u32 };
-            let mut b = self.launch(self.f("dn_recurrence"));
-            b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
-            b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
-            b.arg(&z).arg(norm).arg(&eps).arg(&self.counters);
-            unsafe { b.launch(cfg) }.what("launching dn_recurrence")?;
-        }
+            ("dn_recurrence", cfg)
+        };
+        let mut b = self.launch(self.f(name));
+        b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
+        b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
+        unsafe { b.launch(cfg) }.what("launching the DeltaNet recurrence")?;
+
+        let threads = (dv.next_power_of_two() as u32).clamp(32, 256);
+        let eps = p.eps;
+        let cfg =
+            LaunchConfig { grid_dim: (tokens as u32, vh as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.launch(self.f("dn_gated_norm"));
+        b.arg(&mut *out).arg(&z).arg(&pw_i).arg(norm).arg(&vh_i).arg(&dv_i).arg(&eps);
+        unsafe { b.launch(cfg) }.what("launching dn_gated_norm")?;
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, D
 use std::ffi::c_void;
 
 /// The most arguments a kernel takes.
-const MAX_ARGS: usize = 24;
+const MAX_ARGS: usize = 16;
 
 /// The arguments of one launch: scalars by reference, device buffers by address.
 pub(crate) struct Launch<'a> {
