@@ -22,6 +22,9 @@ pub struct Model<B: Backend> {
     attention: AttentionShape,
     delta: DeltaNetShape,
     profile: Mutex<Profile>,
+    /// Whether decoding reads the next layer's likely experts ahead (see `look_ahead`);
+    /// `FLASH_MOE_LOOKAHEAD=0` turns it off, for comparisons.
+    lookahead: bool,
 }
 
 /// Where the time of forward passes went, summed over calls since the last reset.
@@ -255,6 +258,7 @@ impl<B: Backend> Model<B> {
             backend,
             config,
             profile: Mutex::default(),
+            lookahead: std::env::var("FLASH_MOE_LOOKAHEAD").map_or(true, |v| v != "0"),
         })
     }
 
@@ -478,6 +482,9 @@ impl<B: Backend> Model<B> {
         let mut clock = Stopwatch::start();
         let mut logits = b.scratch(n * c.experts);
         b.matmul(&l.router, x, n, &mut logits);
+        if n == 1 {
+            self.look_ahead(layer, x);
+        }
         clock.lap(&mut prof.router);
         let mut acc = b.zeros(n * c.hidden);
         let shared = |acc: &mut B::Tensor| {
@@ -525,6 +532,29 @@ impl<B: Backend> Model<B> {
         clock.lap(&mut prof.expert_wait);
         prof.expert_uses += routes.len();
         Ok(acc)
+    }
+
+    /// While some expert is on disk alone, guesses the experts layer `layer + 1` will take from
+    /// its router applied to this layer's MoE input (the residual stream changes little from one
+    /// layer to the next) and asks the store to start reading those it lacks: their reads overlap
+    /// this layer's experts and the next layer's mixer instead of following them.
+    fn look_ahead(&self, layer: usize, x: &B::Tensor) {
+        let (b, c) = (&self.backend, &self.config);
+        let Some(next) = self.layers.get(layer + 1) else { return };
+        let cached =
+            self.experts.stats().resident_experts as usize + b.expert_tier_stats().map_or(0, |s| s.resident_experts);
+        if !self.lookahead || cached >= self.layers.len() * c.experts {
+            return;
+        }
+        let mut logits = b.scratch(c.experts);
+        b.matmul(&next.router, x, 1, &mut logits);
+        let logits = b.read(&logits, c.experts);
+        let guess: Vec<usize> = ops::route(&logits, c.top_k, c.norm_topk)
+            .into_iter()
+            .map(|(e, _)| e)
+            .filter(|&e| !b.has_expert(layer + 1, e))
+            .collect();
+        self.experts.prefetch(layer + 1, &guess);
     }
 
     fn shared_expert(&self, s: &SharedExpert<B>, x: &B::Tensor, n: usize, acc: &mut B::Tensor) {
