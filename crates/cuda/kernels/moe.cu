@@ -119,30 +119,22 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const flo
     }
 }
 
-// h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
-// k = blockIdx.y and DEC_ROWS rows r per block (`ids`, when a table is given, holds each token's
-// gridDim.y chosen experts): each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS
-// up chunks. (Two rows per block, for fewer registers and more blocks, measured 4% slower on the
+// h_out[r] = silu(gate[r] . x) * (up[r] . x) for DEC_ROWS rows r from r0 (nr of them) of one
+// expert's gate and up matrices (parts 0-5 of `slot_part`): each thread loads an input chunk once
+// for DEC_ROWS gate and DEC_ROWS up chunks. A block may call it again for another input once it
+// returns. (Two rows per block, for fewer registers and more blocks, measured 4% slower on the
 // H100.)
 template <int F>
-__device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
-                                                 float* __restrict__ h) {
-    __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
-    __shared__ float sums[2 * DEC_ROWS];
-    grid_start();
-    const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS, slots = gridDim.y, t = blockIdx.z;
-    const int nr = min(DEC_ROWS, inter - r0);
-    const int* ids = m.table ? m.ids + t * slots : nullptr;
-    x += (u64)t * hidden;
-    h += (u64)t * slots * inter;
+__device__ __forceinline__ void gate_up_rows(const u8* const (&part)[6], const float* __restrict__ x, int hidden,
+                                             int r0, int nr, float* red, float* sums, float* __restrict__ h_out) {
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
-    const u8* gw = slot_part(m, ids, k, 0);
-    const u8* uw = slot_part(m, ids, k, 3);
-    const u16* gs = (const u16*)slot_part(m, ids, k, 1);
-    const u16* gb = (const u16*)slot_part(m, ids, k, 2);
-    const u16* us = (const u16*)slot_part(m, ids, k, 4);
-    const u16* ub = (const u16*)slot_part(m, ids, k, 5);
+    const u8* gw = part[0];
+    const u8* uw = part[3];
+    const u16* gs = (const u16*)part[1];
+    const u16* gb = (const u16*)part[2];
+    const u16* us = (const u16*)part[4];
+    const u16* ub = (const u16*)part[5];
     float acc[2 * DEC_ROWS];
 #pragma unroll
     for (int i = 0; i < 2 * DEC_ROWS; i++) acc[i] = 0.0f;
@@ -172,32 +164,37 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
     block_sums<2 * DEC_ROWS>(acc, red);
     if (threadIdx.x < 2 * DEC_ROWS) sums[threadIdx.x] = acc[0];
     __syncthreads();
-    if (threadIdx.x < nr) h[(u64)k * inter + r0 + threadIdx.x] = siluf_(sums[threadIdx.x]) * sums[DEC_ROWS + threadIdx.x];
+    if (threadIdx.x < nr) h_out[r0 + threadIdx.x] = siluf_(sums[threadIdx.x]) * sums[DEC_ROWS + threadIdx.x];
 }
 
-// out[t][r] += sum over slots k of w_k * (down_k[r] . h[t][k]), w_k = weights[t][k] (or its
-// sigmoid when `sigmoid`, for the gated shared expert), for token t = blockIdx.y and DEC_ROWS rows
-// r per block. The block's threads share
-// the (slot, chunk) pairs; each loads a chunk of h[k] once for DEC_ROWS rows, two pairs in flight.
+// The gate and up parts of slot k (of a token whose chosen ids are `ids`).
+__device__ __forceinline__ void gate_up_parts(const MoeSlots& m, const int* ids, int k, const u8* (&part)[6]) {
+#pragma unroll
+    for (int p = 0; p < 6; p++) part[p] = slot_part(m, ids, k, p);
+}
+
+// h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
+// k = blockIdx.y and DEC_ROWS rows r per block (`ids`, when a table is given, holds each token's
+// gridDim.y chosen experts).
 template <int F>
-__device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, const float* __restrict__ h, int hidden,
-                                              int inter, const float* __restrict__ weights, int sigmoid,
-                                              float* __restrict__ out) {
-    __shared__ float w[MOE_MAX_SLOTS];
-    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
+__device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
+                                                 float* __restrict__ h) {
+    __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
+    __shared__ float sums[2 * DEC_ROWS];
     grid_start();
-    const int t = blockIdx.y;
-    const int* ids = m.table ? m.ids + t * slots : nullptr;
-    h += (u64)t * slots * inter;
-    weights += t * slots;
-    out += (u64)t * hidden;
-    if (threadIdx.x < slots) {
-        const float v = weights[threadIdx.x];
-        w[threadIdx.x] = sigmoid ? sigmoidf_(v) : v;
-    }
-    __syncthreads();
-    const int r0 = blockIdx.x * DEC_ROWS;
-    const int nr = min(DEC_ROWS, hidden - r0);
+    const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS, slots = gridDim.y, t = blockIdx.z;
+    const u8* part[6];
+    gate_up_parts(m, m.table ? m.ids + t * slots : nullptr, k, part);
+    gate_up_rows<F>(part, x + (u64)t * hidden, hidden, r0, min(DEC_ROWS, inter - r0), red, sums,
+                    h + ((u64)t * slots + k) * inter);
+}
+
+// Sum over slots k of w[k] * (down_k[r] . h[k]) for DEC_ROWS rows r from r0 (nr of them); thread
+// i < nr returns row r0 + i's. The block's threads share the (slot, chunk) pairs; each loads a
+// chunk of h[k] once for DEC_ROWS rows, two pairs in flight. `w` is in shared memory.
+template <int F>
+__device__ __forceinline__ float down_rows(const MoeSlots& m, const int* ids, int slots, const float* w,
+                                           const float* __restrict__ h, int inter, int r0, int nr, float* red) {
     const u64 row_bytes = (u64)inter * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = inter / GROUP;
     const int items = slots * chunks;
@@ -240,7 +237,139 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
         }
     }
     block_sums<DEC_ROWS>(acc, red);
-    if (threadIdx.x < nr) out[r0 + threadIdx.x] += acc[0];
+    return acc[0];
+}
+
+// out[t][r] += sum over slots k of w_k * (down_k[r] . h[t][k]), w_k = weights[t][k] (or its
+// sigmoid when `sigmoid`, for the gated shared expert), for token t = blockIdx.y and DEC_ROWS rows
+// r per block.
+template <int F>
+__device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, const float* __restrict__ h, int hidden,
+                                              int inter, const float* __restrict__ weights, int sigmoid,
+                                              float* __restrict__ out) {
+    __shared__ float w[MOE_MAX_SLOTS];
+    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
+    grid_start();
+    const int t = blockIdx.y;
+    if (threadIdx.x < slots) {
+        const float v = weights[t * slots + threadIdx.x];
+        w[threadIdx.x] = sigmoid ? sigmoidf_(v) : v;
+    }
+    __syncthreads();
+    const int r0 = blockIdx.x * DEC_ROWS;
+    const int nr = min(DEC_ROWS, hidden - r0);
+    const float sum = down_rows<F>(m, m.table ? m.ids + t * slots : nullptr, slots, w, h + (u64)t * slots * inter,
+                                   inter, r0, nr, red);
+    if (threadIdx.x < nr) out[(u64)t * hidden + r0 + threadIdx.x] += sum;
+}
+
+// ---- Several tokens (prefill) grouped by expert: every expert's rows read from device memory
+// once for all the tokens that chose it (then from L2), instead of once per token.
+
+// The (token, slot) pairs p = t * k + slot of `pairs` pairs, ordered by their expert `ids[p]`
+// (ties by p): `order` gets the pairs, `starts[e]` where expert e's begin (`starts[experts]` =
+// pairs), `distinct[0]` the number of experts chosen and `distinct[1..]` those experts, lowest
+// first. One block of 1024 threads; at most MOE_GROUP_MAX_PAIRS pairs and ROUTE_MAX_EXPERTS experts.
+#define MOE_GROUP_MAX_PAIRS 4096
+extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restrict__ ids, int pairs, int experts,
+                                                             int* __restrict__ order, int* __restrict__ starts,
+                                                             int* __restrict__ distinct) {
+    __shared__ int id[MOE_GROUP_MAX_PAIRS];
+    __shared__ int count[ROUTE_THREADS * ROUTE_PER_THREAD];
+    __shared__ int start[ROUTE_THREADS * ROUTE_PER_THREAD];
+    grid_start();
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        id[p] = ids[p];
+        atomicAdd(&count[id[p]], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int s = 0, d = 0;
+        for (int e = 0; e < experts; e++) {
+            start[e] = s;
+            starts[e] = s;
+            if (count[e] > 0) distinct[1 + d++] = e;
+            s += count[e];
+        }
+        starts[experts] = s;
+        distinct[0] = d;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int e = id[p];
+        int rank = 0;
+        for (int q = 0; q < p; q++) rank += id[q] == e;
+        order[start[e] + rank] = p;
+    }
+}
+
+// The expert of grouped block row `i` (blockIdx.y) and the range [*first, *end) of its pairs in
+// `order`; false if fewer experts were chosen.
+__device__ __forceinline__ bool grouped_expert(const int* __restrict__ starts, const int* __restrict__ distinct, int i,
+                                               int* e, int* first, int* end) {
+    if (i >= distinct[0]) return false;
+    *e = distinct[1 + i];
+    *first = starts[*e];
+    *end = starts[*e + 1];
+    return true;
+}
+
+// h[s][r] = silu(gate_e[r] . x[t]) * (up_e[r] . x[t]) for every pair s = first..end of the
+// blockIdx.y-th chosen expert e (token t = order[s] / k), DEC_ROWS rows r per block.
+template <int F>
+__device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, const int* __restrict__ order,
+                                                         const int* __restrict__ starts,
+                                                         const int* __restrict__ distinct, int k,
+                                                         const float* __restrict__ x, int hidden, int inter,
+                                                         float* __restrict__ h) {
+    __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
+    __shared__ float sums[2 * DEC_ROWS];
+    grid_start();
+    int e, first, end;
+    if (!grouped_expert(starts, distinct, blockIdx.y, &e, &first, &end)) return;
+    const int r0 = blockIdx.x * DEC_ROWS;
+    const u8* part[6];
+    gate_up_parts(m, &e, 0, part);
+    for (int s = first; s < end; s++)
+        gate_up_rows<F>(part, x + (u64)(order[s] / k) * hidden, hidden, r0, min(DEC_ROWS, inter - r0), red, sums,
+                        h + (u64)s * inter);
+}
+
+// y[p][r] = weights[p] * (down_e[r] . h[s]) for every pair s = first..end (p = order[s]) of the
+// blockIdx.y-th chosen expert e, DEC_ROWS rows r per block.
+template <int F>
+__device__ __forceinline__ void moe_down_grouped_impl(const MoeSlots& m, const int* __restrict__ order,
+                                                      const int* __restrict__ starts,
+                                                      const int* __restrict__ distinct, const float* __restrict__ h,
+                                                      int hidden, int inter, const float* __restrict__ weights,
+                                                      float* __restrict__ y) {
+    __shared__ float w[1];
+    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
+    grid_start();
+    int e, first, end;
+    if (!grouped_expert(starts, distinct, blockIdx.y, &e, &first, &end)) return;
+    const int r0 = blockIdx.x * DEC_ROWS;
+    const int nr = min(DEC_ROWS, hidden - r0);
+    for (int s = first; s < end; s++) {
+        const int p = order[s];
+        if (threadIdx.x == 0) w[0] = weights[p];
+        __syncthreads();
+        const float sum = down_rows<F>(m, &e, 1, w, h + (u64)s * inter, inter, r0, nr, red);
+        if (threadIdx.x < nr) y[(u64)p * hidden + r0 + threadIdx.x] = sum;
+        __syncthreads();  // `w` and `red` are reused by the next pair
+    }
+}
+
+// out[t] += sum over slots of y[t * k + slot], in slot order; grid (hidden / 256, tokens).
+extern "C" __global__ void moe_combine(const float* __restrict__ y, int k, int hidden, float* __restrict__ out) {
+    grid_start();
+    const int t = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= hidden) return;
+    float sum = 0.0f;
+    for (int slot = 0; slot < k; slot++) sum += y[((u64)t * k + slot) * hidden + j];
+    out[(u64)t * hidden + j] += sum;
 }
 
 #define DEFINE_MOE(NAME, F)                                                                                        \
@@ -253,6 +382,16 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
         moe_down_##NAME(const MoeSlots m, int slots, const float* h, int hidden, int inter, const float* weights, \
                         int sigmoid, float* out) {                                                                \
         moe_down_impl<F>(m, slots, h, hidden, inter, weights, sigmoid, out);                                      \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                    \
+        moe_gate_up_grouped_##NAME(const MoeSlots m, const int* order, const int* starts, const int* distinct,    \
+                                   int k, const float* x, int hidden, int inter, float* h) {                      \
+        moe_gate_up_grouped_impl<F>(m, order, starts, distinct, k, x, hidden, inter, h);                          \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                    \
+        moe_down_grouped_##NAME(const MoeSlots m, const int* order, const int* starts, const int* distinct,       \
+                                const float* h, int hidden, int inter, const float* weights, float* y) {          \
+        moe_down_grouped_impl<F>(m, order, starts, distinct, h, hidden, inter, weights, y);                       \
     }
 
 FOR_EACH_FORMAT(DEFINE_MOE)

@@ -10,7 +10,9 @@
 //! the predecessor may write and before it writes anything at all.
 
 use cudarc::driver::sys::{self, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchConfig};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DriverError, LaunchConfig};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DriverError, LaunchConfig,
+};
 use std::ffi::c_void;
 
 /// The most arguments a kernel takes.
@@ -109,6 +111,12 @@ impl<'a, T> Arg<'a> for &mut CudaSlice<T> {
 }
 
 impl<'a, T> Arg<'a> for &CudaView<'_, T> {
+    fn push(self, l: &mut Launch<'a>) {
+        l.push_address(self.device_ptr(l.stream).0)
+    }
+}
+
+impl<'a, T> Arg<'a> for &mut CudaViewMut<'_, T> {
     fn push(self, l: &mut Launch<'a>) {
         l.push_address(self.device_ptr(l.stream).0)
     }

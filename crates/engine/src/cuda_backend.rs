@@ -240,22 +240,16 @@ impl CudaBackend {
         k > 0 && k <= MOE_MAX_SLOTS.min(experts) && experts <= ROUTE_MAX_EXPERTS
     }
 
-    /// Queues the experts of `layer` chosen on the device for `tokens` tokens (`ids`, `weights`)
-    /// through the layer's address table, if every expert of the layer is resident: in GPU memory,
-    /// or, with `host`, in that store's page-locked RAM (read in place over the bus); the shared
-    /// expert goes on the side stream beside them. False, having queued nothing, if not.
-    #[allow(clippy::too_many_arguments)]
-    fn table_experts(
+    /// Runs `f` with the address table of `layer`'s experts, if every expert of the layer is
+    /// resident: in GPU memory, or, with `host`, in that store's page-locked RAM (read in place
+    /// over the bus). `None`, having run nothing, if not.
+    fn with_table<T>(
         &self,
         layer: usize,
         experts: usize,
-        (tokens, k): (usize, usize),
-        r: &RouteBuffers,
-        x: &CudaSlice<f32>,
         host: Option<&dyn ExpertSource>,
-        shared: &dyn Fn(&mut CudaSlice<f32>),
-        acc: &mut CudaSlice<f32>,
-    ) -> Result<bool> {
+        f: impl FnOnce(&LayerTable) -> Result<T>,
+    ) -> Result<Option<T>> {
         let generation = self.tier.generation();
         let mut tables = self.tables.lock().unwrap();
         if tables.generation != generation {
@@ -264,25 +258,44 @@ impl CudaBackend {
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = tables.layers.entry(layer) {
             if self.recording() {
-                return Ok(false);
+                return Ok(None);
             }
-            let Some(table) = self.layer_table(layer, experts, host)? else { return Ok(false) };
+            let Some(table) = self.layer_table(layer, experts, host)? else { return Ok(None) };
             slot.insert(table);
         }
-        let t = &tables.layers[&layer];
-        // The shared expert on the side stream, beside the routed experts' gate and up launch;
-        // their down launch joins it (both add to `acc`).
-        self.beside(|| shared(acc))?;
-        self.with_hidden(tokens * k * t.shape.inter, |h| {
-            let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
-            self.gpu.moe_token(&t.shape, experts, tokens, x, &r.weights, false, h, Some(&self.side), acc)
+        f(&tables.layers[&layer]).map(Some)
+    }
+
+    /// Queues one token's experts chosen on the device (`ids`, `weights`) through the layer's
+    /// address table ([`with_table`](Self::with_table)), the shared expert on the side stream
+    /// beside them. False, having queued nothing, without a table.
+    #[allow(clippy::too_many_arguments)]
+    fn table_experts(
+        &self,
+        layer: usize,
+        (experts, k): (usize, usize),
+        r: &RouteBuffers,
+        x: &CudaSlice<f32>,
+        host: Option<&dyn ExpertSource>,
+        shared: &dyn Fn(&mut CudaSlice<f32>),
+        acc: &mut CudaSlice<f32>,
+    ) -> Result<bool> {
+        let queued = self.with_table(layer, experts, host, |t| {
+            // The shared expert on the side stream, beside the routed experts' gate and up
+            // launch; their down launch joins it (both add to `acc`).
+            self.beside(|| shared(acc))?;
+            self.with_hidden(k * t.shape.inter, |h| {
+                let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
+                self.gpu.moe_token(&t.shape, experts, 1, x, &r.weights, false, h, Some(&self.side), acc)
+            })?;
+            let k = k as u64;
+            match t.host_bytes {
+                0 => self.tier.count(k, 0, 0),
+                bytes => self.tier.count(0, k, k * bytes),
+            }
+            Ok(())
         })?;
-        let uses = (tokens * k) as u64;
-        match t.host_bytes {
-            0 => self.tier.count(uses, 0, 0),
-            bytes => self.tier.count(0, uses, uses * bytes),
-        }
-        Ok(true)
+        Ok(queued.is_some())
     }
 
     /// The address table of `layer`'s experts (see [`table_experts`](Self::table_experts)), if
@@ -676,8 +689,8 @@ impl Backend for CudaBackend {
         }
         // Every expert resident: in GPU memory, or, without a VRAM tier, in the store's RAM.
         // Several tokens (prefill) take the device path only with every expert in GPU memory: the
-        // fused kernels read each token's experts anew, which costs little there but over PCIe
-        // costs more than uploading each distinct expert once (the host path).
+        // grouped kernels read an expert's rows again for each of its tokens (from L2), which over
+        // PCIe would cross the bus each time; the host path uploads each distinct expert once.
         let all = routing.layers * experts;
         let tier = self.tier.stats();
         let resident = if tier.resident_experts >= all {
@@ -687,30 +700,36 @@ impl Backend for CudaBackend {
         } else {
             None
         };
-        if tokens > 1 && !matches!(resident, Some(None)) {
-            return Ok(None);
+        if tokens > 1 {
+            // Prefill: routed and grouped by expert on the device, with every expert in GPU memory.
+            if !matches!(resident, Some(None)) {
+                return Ok(None);
+            }
+            let done = self.with_table(layer, experts, None, |t| {
+                self.beside(|| shared(acc))?;
+                let routed = (experts, k, routing.norm_topk);
+                self.gpu.moe_grouped(&t.shape, (&t.table, t.off), routed, logits, x, tokens, acc)?;
+                self.gpu.join(&self.side)?;
+                self.tier.count((tokens * k) as u64, 0, 0);
+                Ok(())
+            })?;
+            return Ok(done.map(|()| tokens * k));
         }
         let mut routes = self.routes.lock().unwrap();
-        if routes.as_ref().is_none_or(|r| r.ids.len() < tokens * k) {
+        if routes.as_ref().is_none_or(|r| r.ids.len() < k) {
             if self.recording() {
                 return Err(NotRecordable.into());
             }
-            let (g, n) = (&self.gpu, tokens * k);
-            // The host reads back one token's ids only (several tokens need every expert resident).
-            *routes = Some(RouteBuffers { ids: g.zeros_i32(n)?, weights: g.zeros(n)?, host_ids: g.pinned_i32(k)? });
+            let g = &self.gpu;
+            *routes = Some(RouteBuffers { ids: g.zeros_i32(k)?, weights: g.zeros(k)?, host_ids: g.pinned_i32(k)? });
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         let r = routes.as_mut().unwrap();
-        self.gpu.route_topk(logits, tokens, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
+        self.gpu.route_topk(&logits.slice(..), 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
         if let Some(host) = resident
-            && self.table_experts(layer, experts, (tokens, k), r, x, host, shared, acc)?
+            && self.table_experts(layer, (experts, k), r, x, host, shared, acc)?
         {
-            return Ok(Some(tokens * k));
-        }
-        if tokens > 1 {
-            // The layer's experts have no common table (shapes or layouts differ): route on the
-            // host. The top-k just queued is left unread.
-            return Ok(None);
+            return Ok(Some(k));
         }
 
         if self.recording() {

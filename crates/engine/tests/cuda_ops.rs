@@ -465,8 +465,10 @@ fn cuda_routed_experts_on_device() {
                     );
                     assert_close(&what, &g.read(&acc, h), &want, TOL);
                 }
-                // Several tokens (prefill): on the device only with every expert in GPU memory.
-                let tokens = 3;
+                // Several tokens (prefill): on the device only with every expert in GPU memory, routed
+                // and grouped by expert there in chunks of at most 4096 (token, slot) pairs: 700
+                // tokens take two.
+                let tokens = if resident { 700 } else { 3 };
                 let logits = rng.vec(tokens * experts, 2.0);
                 let x = rng.vec(tokens * h, 1.0);
                 let acc0 = rng.vec(tokens * h, 1.0);
