@@ -263,32 +263,28 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
     if (threadIdx.x < nr) out[(u64)t * hidden + r0 + threadIdx.x] += sum;
 }
 
-// ---- Several tokens (prefill) grouped by expert: every expert's rows read from device memory
-// once for all the tokens that chose it (then from L2), instead of once per token.
+// ---- Several tokens (prefill): gate and up grouped by expert, so that each expert's rows are
+// read from device memory once for all the tokens that chose it, instead of once per token.
 
-// The (token, slot) pairs p = t * k + slot of `pairs` pairs, ordered by their expert `ids[p]`
-// (ties by p): `order` gets the pairs, `starts[e]` where expert e's begin (`starts[experts]` =
-// pairs), `distinct[0]` the number of experts chosen and `distinct[1..]` those experts, lowest
-// first. One block of 1024 threads; at most MOE_GROUP_MAX_PAIRS pairs and ROUTE_MAX_EXPERTS experts.
-#define MOE_GROUP_MAX_PAIRS 4096
+// The (token, slot) pairs p = t * k + slot of `pairs` pairs, grouped by their expert `ids[p]`:
+// `order` gets the pairs (in no fixed order within an expert: each pair's result is computed
+// alone), `starts[e]` where expert e's begin (`starts[experts]` = pairs), `distinct[0]` the number
+// of experts chosen and `distinct[1..]` those experts, lowest first. One block of 1024 threads; at
+// most ROUTE_MAX_EXPERTS experts.
 extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restrict__ ids, int pairs, int experts,
                                                              int* __restrict__ order, int* __restrict__ starts,
                                                              int* __restrict__ distinct) {
-    __shared__ int id[MOE_GROUP_MAX_PAIRS];
     __shared__ int count[ROUTE_THREADS * ROUTE_PER_THREAD];
-    __shared__ int start[ROUTE_THREADS * ROUTE_PER_THREAD];
+    __shared__ int cursor[ROUTE_THREADS * ROUTE_PER_THREAD];
     grid_start();
     for (int e = threadIdx.x; e < experts; e += blockDim.x) count[e] = 0;
     __syncthreads();
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        id[p] = ids[p];
-        atomicAdd(&count[id[p]], 1);
-    }
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&count[ids[p]], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
         int s = 0, d = 0;
         for (int e = 0; e < experts; e++) {
-            start[e] = s;
+            cursor[e] = s;
             starts[e] = s;
             if (count[e] > 0) distinct[1 + d++] = e;
             s += count[e];
@@ -297,79 +293,87 @@ extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restri
         distinct[0] = d;
     }
     __syncthreads();
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        const int e = id[p];
-        int rank = 0;
-        for (int q = 0; q < p; q++) rank += id[q] == e;
-        order[start[e] + rank] = p;
-    }
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) order[atomicAdd(&cursor[ids[p]], 1)] = p;
 }
 
-// The expert of grouped block row `i` (blockIdx.y) and the range [*first, *end) of its pairs in
-// `order`; false if fewer experts were chosen.
-__device__ __forceinline__ bool grouped_expert(const int* __restrict__ starts, const int* __restrict__ distinct, int i,
-                                               int* e, int* first, int* end) {
-    if (i >= distinct[0]) return false;
-    *e = distinct[1 + i];
-    *first = starts[*e];
-    *end = starts[*e + 1];
-    return true;
-}
+// Pairs per pass of `moe_gate_up_grouped`: the weights a thread loads serve this many inputs.
+#define MOE_GROUP_BATCH 4
 
-// h[s][r] = silu(gate_e[r] . x[t]) * (up_e[r] . x[t]) for every pair s = first..end of the
-// blockIdx.y-th chosen expert e (token t = order[s] / k), DEC_ROWS rows r per block.
+// h[p][r] = silu(gate_e[r] . x[t]) * (up_e[r] . x[t]) for every pair p = t * k + slot of the
+// blockIdx.y-th chosen expert e (`order[starts[e]..starts[e + 1]]`), DEC_ROWS rows r per block: in
+// passes of MOE_GROUP_BATCH pairs, each thread loads its chunks of the block's gate and up rows
+// once per pass (from device memory the first time, from L2 after) and multiplies them with every
+// pair's input chunk. `h` has the layout the per-token down kernel reads.
 template <int F>
 __device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, const int* __restrict__ order,
                                                          const int* __restrict__ starts,
                                                          const int* __restrict__ distinct, int k,
                                                          const float* __restrict__ x, int hidden, int inter,
                                                          float* __restrict__ h) {
-    __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
-    __shared__ float sums[2 * DEC_ROWS];
+    const int B = MOE_GROUP_BATCH, N = 2 * DEC_ROWS * MOE_GROUP_BATCH;
+    __shared__ float red[N * DEC_THREADS / 32];
+    __shared__ float sums[N];
+    __shared__ int pair[MOE_GROUP_BATCH];
     grid_start();
-    int e, first, end;
-    if (!grouped_expert(starts, distinct, blockIdx.y, &e, &first, &end)) return;
-    const int r0 = blockIdx.x * DEC_ROWS;
-    const u8* part[6];
-    gate_up_parts(m, &e, 0, part);
-    for (int s = first; s < end; s++)
-        gate_up_rows<F>(part, x + (u64)(order[s] / k) * hidden, hidden, r0, min(DEC_ROWS, inter - r0), red, sums,
-                        h + (u64)s * inter);
-}
-
-// y[p][r] = weights[p] * (down_e[r] . h[s]) for every pair s = first..end (p = order[s]) of the
-// blockIdx.y-th chosen expert e, DEC_ROWS rows r per block.
-template <int F>
-__device__ __forceinline__ void moe_down_grouped_impl(const MoeSlots& m, const int* __restrict__ order,
-                                                      const int* __restrict__ starts,
-                                                      const int* __restrict__ distinct, const float* __restrict__ h,
-                                                      int hidden, int inter, const float* __restrict__ weights,
-                                                      float* __restrict__ y) {
-    __shared__ float w[1];
-    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
-    grid_start();
-    int e, first, end;
-    if (!grouped_expert(starts, distinct, blockIdx.y, &e, &first, &end)) return;
-    const int r0 = blockIdx.x * DEC_ROWS;
-    const int nr = min(DEC_ROWS, hidden - r0);
-    for (int s = first; s < end; s++) {
-        const int p = order[s];
-        if (threadIdx.x == 0) w[0] = weights[p];
+    const int i = blockIdx.y;
+    if (i >= distinct[0]) return;
+    const int e = distinct[1 + i], first = starts[e], end = starts[e + 1];
+    const int r0 = blockIdx.x * DEC_ROWS, nr = min(DEC_ROWS, inter - r0);
+    const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
+    const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
+    const u8* gw = slot_part(m, &e, 0, 0);
+    const u8* uw = slot_part(m, &e, 0, 3);
+    const u16* gs = (const u16*)slot_part(m, &e, 0, 1);
+    const u16* gb = (const u16*)slot_part(m, &e, 0, 2);
+    const u16* us = (const u16*)slot_part(m, &e, 0, 4);
+    const u16* ub = (const u16*)slot_part(m, &e, 0, 5);
+    for (int s0 = first; s0 < end; s0 += B) {
+        const int nb = min(B, end - s0);
+        if (threadIdx.x < nb) pair[threadIdx.x] = order[s0 + threadIdx.x];
         __syncthreads();
-        const float sum = down_rows<F>(m, &e, 1, w, h + (u64)s * inter, inter, r0, nr, red);
-        if (threadIdx.x < nr) y[(u64)p * hidden + r0 + threadIdx.x] = sum;
-        __syncthreads();  // `w` and `red` are reused by the next pair
+        float acc[N];
+#pragma unroll
+        for (int j = 0; j < N; j++) acc[j] = 0.0f;
+        for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
+            uint4 raw[2 * DEC_ROWS];
+            uint2 sb[2 * DEC_ROWS];
+#pragma unroll
+            for (int r = 0; r < DEC_ROWS; r++) {
+                if (r < nr) {
+                    const u64 g = (u64)(r0 + r) * groups;
+                    raw[r] = ld_stream((const uint4*)(gw + (u64)(r0 + r) * row_bytes) + c);
+                    raw[DEC_ROWS + r] = ld_stream((const uint4*)(uw + (u64)(r0 + r) * row_bytes) + c);
+                    sb[r] = load_sb<F>(gs + g, gb + g, c);
+                    sb[DEC_ROWS + r] = load_sb<F>(us + g, ub + g, c);
+                }
+            }
+#pragma unroll
+            for (int b = 0; b < B; b++) {
+                if (b < nb) {
+                    float xr[Chunk<F>::E];
+                    const float xsum = load_x<F>(x + (u64)(pair[b] / k) * hidden, c, xr);
+#pragma unroll
+                    for (int r = 0; r < DEC_ROWS; r++) {
+                        if (r < nr) {
+                            acc[b * 2 * DEC_ROWS + r] += dot_chunk<F>(raw[r], sb[r], xr, xsum);
+                            acc[b * 2 * DEC_ROWS + DEC_ROWS + r] +=
+                                dot_chunk<F>(raw[DEC_ROWS + r], sb[DEC_ROWS + r], xr, xsum);
+                        }
+                    }
+                }
+            }
+        }
+        block_sums<N>(acc, red);
+        if (threadIdx.x < N) sums[threadIdx.x] = acc[0];
+        __syncthreads();
+        if (threadIdx.x < nb * DEC_ROWS) {
+            const int b = threadIdx.x / DEC_ROWS, r = threadIdx.x % DEC_ROWS;
+            if (r < nr)
+                h[(u64)pair[b] * inter + r0 + r] =
+                    siluf_(sums[b * 2 * DEC_ROWS + r]) * sums[b * 2 * DEC_ROWS + DEC_ROWS + r];
+        }
+        __syncthreads();  // `pair`, `sums` and `red` are rewritten by the next pass
     }
-}
-
-// out[t] += sum over slots of y[t * k + slot], in slot order; grid (hidden / 256, tokens).
-extern "C" __global__ void moe_combine(const float* __restrict__ y, int k, int hidden, float* __restrict__ out) {
-    grid_start();
-    const int t = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= hidden) return;
-    float sum = 0.0f;
-    for (int slot = 0; slot < k; slot++) sum += y[((u64)t * k + slot) * hidden + j];
-    out[(u64)t * hidden + j] += sum;
 }
 
 #define DEFINE_MOE(NAME, F)                                                                                        \
@@ -387,11 +391,6 @@ extern "C" __global__ void moe_combine(const float* __restrict__ y, int k, int h
         moe_gate_up_grouped_##NAME(const MoeSlots m, const int* order, const int* starts, const int* distinct,    \
                                    int k, const float* x, int hidden, int inter, float* h) {                      \
         moe_gate_up_grouped_impl<F>(m, order, starts, distinct, k, x, hidden, inter, h);                          \
-    }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                    \
-        moe_down_grouped_##NAME(const MoeSlots m, const int* order, const int* starts, const int* distinct,       \
-                                const float* h, int hidden, int inter, const float* weights, float* y) {          \
-        moe_down_grouped_impl<F>(m, order, starts, distinct, h, hidden, inter, weights, y);                       \
     }
 
 FOR_EACH_FORMAT(DEFINE_MOE)

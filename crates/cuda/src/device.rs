@@ -33,19 +33,12 @@ pub(crate) const KERNELS: &[&str] = &[
     "matvec1_bulk_q4",
     "matvec1_bulk_q2",
     "moe_group",
-    "moe_combine",
     "moe_gate_up_grouped_f32",
     "moe_gate_up_grouped_f16",
     "moe_gate_up_grouped_bf16",
     "moe_gate_up_grouped_q8",
     "moe_gate_up_grouped_q4",
     "moe_gate_up_grouped_q2",
-    "moe_down_grouped_f32",
-    "moe_down_grouped_f16",
-    "moe_down_grouped_bf16",
-    "moe_down_grouped_q8",
-    "moe_down_grouped_q4",
-    "moe_down_grouped_q2",
     "matmul_f32",
     "matmul_f16",
     "matmul_bf16",
@@ -93,7 +86,8 @@ const MV_ROWS_PER_BLOCK: u32 = 8;
 /// The one-token kernels' blocks: `DEC_ROWS` rows by `DEC_THREADS` threads (common.cuh).
 const DEC_ROWS: u32 = 4;
 const DEC_THREADS: u32 = 128;
-/// The most (token, slot) pairs one grouped MoE launch takes (`MOE_GROUP_MAX_PAIRS`, moe.cu).
+/// The most (token, slot) pairs one grouped MoE launch takes: its scratch (ids, weights, order and
+/// the hidden activations) stays small.
 const MOE_GROUP_MAX_PAIRS: usize = 4096;
 /// The most tokens one fused MoE launch takes (a grid dimension).
 pub const MOE_MAX_TOKENS: usize = 65535;
@@ -1111,10 +1105,10 @@ impl Gpu {
 
     /// The routed experts of `tokens` tokens (prefill) with every expert of the layer in GPU
     /// memory (`table` and `off` as in [`MoeExperts::Table`]): routed on the device (the top-`k`
-    /// of each row of `logits`, as [`route_topk`](Self::route_topk)), then grouped by expert, so
-    /// that each chosen expert's rows are read from device memory once for all its tokens:
-    /// `out[t] += sum_k w_tk * expert_tk(x[t])`. Works through the tokens in chunks of at most
-    /// `MOE_GROUP_MAX_PAIRS / k`, with scratch for one chunk.
+    /// of each row of `logits`, as [`route_topk`](Self::route_topk)); gate and up grouped by
+    /// expert, so that each chosen expert's rows are read from device memory once for all its
+    /// tokens; down per token: `out[t] += sum_k w_tk * expert_tk(x[t])`. Works through the tokens
+    /// in chunks of at most `MOE_GROUP_MAX_PAIRS / k`, with scratch for one chunk.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_grouped(
         &self,
@@ -1138,11 +1132,18 @@ impl Gpu {
         let (mut ids, mut weights) = (self.zeros_i32(pairs_max)?, self.uninit(pairs_max)?);
         let mut order = self.zeros_i32(pairs_max)?;
         let (mut starts, mut distinct) = (self.zeros_i32(experts + 1)?, self.zeros_i32(experts + 1)?);
-        let (mut h, mut y) = (self.uninit(pairs_max * inter)?, self.uninit(pairs_max * hidden)?);
-        let arg = MoeSlotsArg { part: [[0; 9]; MOE_MAX_SLOTS], off, table: table.device_ptr(&self.stream).0, ids: 0 };
+        let mut h = self.uninit(pairs_max * inter)?;
+        let table_ptr = table.device_ptr(&self.stream).0;
+        let grouped = MoeSlotsArg { part: [[0; 9]; MOE_MAX_SLOTS], off, table: table_ptr, ids: 0 };
+        let per_token = MoeSlotsArg { ids: ids.device_ptr(&self.stream).0, ..grouped };
         let (hidden_i, inter_i, k_i, experts_i) =
             (i32_of(hidden, "hidden"), i32_of(inter, "inter"), k as i32, i32_of(experts, "experts"));
         let rows = |n: usize| (n as u32).div_ceil(DEC_ROWS);
+        let block = |grid: (u32, u32, u32)| LaunchConfig {
+            grid_dim: grid,
+            block_dim: (DEC_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         for t0 in (0..tokens).step_by(chunk) {
             let n = chunk.min(tokens - t0);
             let pairs = i32_of(n * k, "pairs");
@@ -1153,31 +1154,17 @@ impl Gpu {
             unsafe { b.launch(cfg) }.what("launching moe_group")?;
             // A block row per chosen expert (at most this many; the rest return at once).
             let chosen = (n * k).min(experts) as u32;
-            let block = |grid: (u32, u32, u32)| LaunchConfig {
-                grid_dim: grid,
-                block_dim: (DEC_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
             let xs = x.slice(t0 * hidden..);
             let name = format!("moe_gate_up_grouped_{}", format_suffix(gate));
             let mut b = self.launch(&self.functions[name.as_str()]);
-            b.arg(&arg).arg(&order).arg(&starts).arg(&distinct).arg(&k_i).arg(&xs).arg(&hidden_i).arg(&inter_i);
+            b.arg(&grouped).arg(&order).arg(&starts).arg(&distinct).arg(&k_i).arg(&xs).arg(&hidden_i).arg(&inter_i);
             b.arg(&mut h);
             unsafe { b.launch(block((rows(inter), chosen, 1))) }.what("launching moe_gate_up_grouped")?;
-            let name = format!("moe_down_grouped_{}", format_suffix(down));
-            let mut b = self.launch(&self.functions[name.as_str()]);
-            b.arg(&arg).arg(&order).arg(&starts).arg(&distinct).arg(&h).arg(&hidden_i).arg(&inter_i);
-            b.arg(&weights).arg(&mut y);
-            unsafe { b.launch(block((rows(hidden), chosen, 1))) }.what("launching moe_down_grouped")?;
-            let cfg = LaunchConfig {
-                grid_dim: ((hidden as u32).div_ceil(256), n as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let (name, sig) = (format!("moe_down_{}", format_suffix(down)), 0i32);
             let mut o = out.slice_mut(t0 * hidden..);
-            let mut b = self.launch(self.f("moe_combine"));
-            b.arg(&y).arg(&k_i).arg(&hidden_i).arg(&mut o);
-            unsafe { b.launch(cfg) }.what("launching moe_combine")?;
+            let mut b = self.launch(&self.functions[name.as_str()]);
+            b.arg(&per_token).arg(&k_i).arg(&h).arg(&hidden_i).arg(&inter_i).arg(&weights).arg(&sig).arg(&mut o);
+            unsafe { b.launch(block((rows(hidden), n as u32, 1))) }.what("launching moe_down")?;
         }
         Ok(())
     }
