@@ -1108,7 +1108,8 @@ impl Gpu {
     /// of each row of `logits`, as [`route_topk`](Self::route_topk)); gate and up grouped by
     /// expert, so that each chosen expert's rows are read from device memory once for all its
     /// tokens; down per token: `out[t] += sum_k w_tk * expert_tk(x[t])`. Works through the tokens
-    /// in chunks of at most `MOE_GROUP_MAX_PAIRS / k`, with scratch for one chunk.
+    /// in chunks of at most `MOE_GROUP_MAX_PAIRS / k`, with scratch for one chunk. The first down
+    /// launch waits for the work queued on `join` so far (which may add to `out` too).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_grouped(
         &self,
@@ -1118,6 +1119,7 @@ impl Gpu {
         logits: &CudaSlice<f32>,
         x: &CudaSlice<f32>,
         tokens: usize,
+        join: Option<&Gpu>,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let MoeShape { gate, down, hidden, inter } = *shape;
@@ -1160,6 +1162,9 @@ impl Gpu {
             b.arg(&grouped).arg(&order).arg(&starts).arg(&distinct).arg(&k_i).arg(&xs).arg(&hidden_i).arg(&inter_i);
             b.arg(&mut h);
             unsafe { b.launch(block((rows(inter), chosen, 1))) }.what("launching moe_gate_up_grouped")?;
+            if let (0, Some(side)) = (t0, join) {
+                self.join(side)?;
+            }
             let (name, sig) = (format!("moe_down_{}", format_suffix(down)), 0i32);
             let mut o = out.slice_mut(t0 * hidden..);
             let mut b = self.launch(&self.functions[name.as_str()]);

@@ -708,8 +708,7 @@ impl Backend for CudaBackend {
             let done = self.with_table(layer, experts, None, |t| {
                 self.beside(|| shared(acc))?;
                 let routed = (experts, k, routing.norm_topk);
-                self.gpu.moe_grouped(&t.shape, (&t.table, t.off), routed, logits, x, tokens, acc)?;
-                self.gpu.join(&self.side)?;
+                self.gpu.moe_grouped(&t.shape, (&t.table, t.off), routed, logits, x, tokens, Some(&self.side), acc)?;
                 self.tier.count((tokens * k) as u64, 0, 0);
                 Ok(())
             })?;
