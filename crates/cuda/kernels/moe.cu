@@ -119,22 +119,30 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const flo
     }
 }
 
-// h_out[r] = silu(gate[r] . x) * (up[r] . x) for DEC_ROWS rows r from r0 (nr of them) of one
-// expert's gate and up matrices (parts 0-5 of `slot_part`): each thread loads an input chunk once
-// for DEC_ROWS gate and DEC_ROWS up chunks. A block may call it again for another input once it
-// returns. (Two rows per block, for fewer registers and more blocks, measured 4% slower on the
+// h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
+// k = blockIdx.y and DEC_ROWS rows r per block (`ids`, when a table is given, holds each token's
+// gridDim.y chosen experts): each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS
+// up chunks. (Two rows per block, for fewer registers and more blocks, measured 4% slower on the
 // H100.)
 template <int F>
-__device__ __forceinline__ void gate_up_rows(const u8* const (&part)[6], const float* __restrict__ x, int hidden,
-                                             int r0, int nr, float* red, float* sums, float* __restrict__ h_out) {
+__device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
+                                                 float* __restrict__ h) {
+    __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
+    __shared__ float sums[2 * DEC_ROWS];
+    grid_start();
+    const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS, slots = gridDim.y, t = blockIdx.z;
+    const int nr = min(DEC_ROWS, inter - r0);
+    const int* ids = m.table ? m.ids + t * slots : nullptr;
+    x += (u64)t * hidden;
+    h += (u64)t * slots * inter;
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
-    const u8* gw = part[0];
-    const u8* uw = part[3];
-    const u16* gs = (const u16*)part[1];
-    const u16* gb = (const u16*)part[2];
-    const u16* us = (const u16*)part[4];
-    const u16* ub = (const u16*)part[5];
+    const u8* gw = slot_part(m, ids, k, 0);
+    const u8* uw = slot_part(m, ids, k, 3);
+    const u16* gs = (const u16*)slot_part(m, ids, k, 1);
+    const u16* gb = (const u16*)slot_part(m, ids, k, 2);
+    const u16* us = (const u16*)slot_part(m, ids, k, 4);
+    const u16* ub = (const u16*)slot_part(m, ids, k, 5);
     float acc[2 * DEC_ROWS];
 #pragma unroll
     for (int i = 0; i < 2 * DEC_ROWS; i++) acc[i] = 0.0f;
@@ -164,37 +172,32 @@ __device__ __forceinline__ void gate_up_rows(const u8* const (&part)[6], const f
     block_sums<2 * DEC_ROWS>(acc, red);
     if (threadIdx.x < 2 * DEC_ROWS) sums[threadIdx.x] = acc[0];
     __syncthreads();
-    if (threadIdx.x < nr) h_out[r0 + threadIdx.x] = siluf_(sums[threadIdx.x]) * sums[DEC_ROWS + threadIdx.x];
+    if (threadIdx.x < nr) h[(u64)k * inter + r0 + threadIdx.x] = siluf_(sums[threadIdx.x]) * sums[DEC_ROWS + threadIdx.x];
 }
 
-// The gate and up parts of slot k (of a token whose chosen ids are `ids`).
-__device__ __forceinline__ void gate_up_parts(const MoeSlots& m, const int* ids, int k, const u8* (&part)[6]) {
-#pragma unroll
-    for (int p = 0; p < 6; p++) part[p] = slot_part(m, ids, k, p);
-}
-
-// h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
-// k = blockIdx.y and DEC_ROWS rows r per block (`ids`, when a table is given, holds each token's
-// gridDim.y chosen experts).
+// out[t][r] += sum over slots k of w_k * (down_k[r] . h[t][k]), w_k = weights[t][k] (or its
+// sigmoid when `sigmoid`, for the gated shared expert), for token t = blockIdx.y and DEC_ROWS rows
+// r per block. The block's threads share
+// the (slot, chunk) pairs; each loads a chunk of h[k] once for DEC_ROWS rows, two pairs in flight.
 template <int F>
-__device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
-                                                 float* __restrict__ h) {
-    __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
-    __shared__ float sums[2 * DEC_ROWS];
+__device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, const float* __restrict__ h, int hidden,
+                                              int inter, const float* __restrict__ weights, int sigmoid,
+                                              float* __restrict__ out) {
+    __shared__ float w[MOE_MAX_SLOTS];
+    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
     grid_start();
-    const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS, slots = gridDim.y, t = blockIdx.z;
-    const u8* part[6];
-    gate_up_parts(m, m.table ? m.ids + t * slots : nullptr, k, part);
-    gate_up_rows<F>(part, x + (u64)t * hidden, hidden, r0, min(DEC_ROWS, inter - r0), red, sums,
-                    h + ((u64)t * slots + k) * inter);
-}
-
-// Sum over slots k of w[k] * (down_k[r] . h[k]) for DEC_ROWS rows r from r0 (nr of them); thread
-// i < nr returns row r0 + i's. The block's threads share the (slot, chunk) pairs; each loads a
-// chunk of h[k] once for DEC_ROWS rows, two pairs in flight. `w` is in shared memory.
-template <int F>
-__device__ __forceinline__ float down_rows(const MoeSlots& m, const int* ids, int slots, const float* w,
-                                           const float* __restrict__ h, int inter, int r0, int nr, float* red) {
+    const int t = blockIdx.y;
+    const int* ids = m.table ? m.ids + t * slots : nullptr;
+    h += (u64)t * slots * inter;
+    weights += t * slots;
+    out += (u64)t * hidden;
+    if (threadIdx.x < slots) {
+        const float v = weights[threadIdx.x];
+        w[threadIdx.x] = sigmoid ? sigmoidf_(v) : v;
+    }
+    __syncthreads();
+    const int r0 = blockIdx.x * DEC_ROWS;
+    const int nr = min(DEC_ROWS, hidden - r0);
     const u64 row_bytes = (u64)inter * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = inter / GROUP;
     const int items = slots * chunks;
@@ -237,30 +240,7 @@ __device__ __forceinline__ float down_rows(const MoeSlots& m, const int* ids, in
         }
     }
     block_sums<DEC_ROWS>(acc, red);
-    return acc[0];
-}
-
-// out[t][r] += sum over slots k of w_k * (down_k[r] . h[t][k]), w_k = weights[t][k] (or its
-// sigmoid when `sigmoid`, for the gated shared expert), for token t = blockIdx.y and DEC_ROWS rows
-// r per block.
-template <int F>
-__device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, const float* __restrict__ h, int hidden,
-                                              int inter, const float* __restrict__ weights, int sigmoid,
-                                              float* __restrict__ out) {
-    __shared__ float w[MOE_MAX_SLOTS];
-    __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
-    grid_start();
-    const int t = blockIdx.y;
-    if (threadIdx.x < slots) {
-        const float v = weights[t * slots + threadIdx.x];
-        w[threadIdx.x] = sigmoid ? sigmoidf_(v) : v;
-    }
-    __syncthreads();
-    const int r0 = blockIdx.x * DEC_ROWS;
-    const int nr = min(DEC_ROWS, hidden - r0);
-    const float sum = down_rows<F>(m, m.table ? m.ids + t * slots : nullptr, slots, w, h + (u64)t * slots * inter,
-                                   inter, r0, nr, red);
-    if (threadIdx.x < nr) out[(u64)t * hidden + r0 + threadIdx.x] += sum;
+    if (threadIdx.x < nr) out[r0 + threadIdx.x] += acc[0];
 }
 
 // ---- Several tokens (prefill): gate and up grouped by expert, so that each expert's rows are

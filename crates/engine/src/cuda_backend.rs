@@ -689,8 +689,9 @@ impl Backend for CudaBackend {
         }
         // Every expert resident: in GPU memory, or, without a VRAM tier, in the store's RAM.
         // Several tokens (prefill) take the device path only with every expert in GPU memory: the
-        // grouped kernels read an expert's rows again for each of its tokens (from L2), which over
-        // PCIe would cross the bus each time; the host path uploads each distinct expert once.
+        // kernels read an expert's rows again for each batch of its tokens (gate and up) or each
+        // token (down), which over PCIe would cross the bus each time; the host path uploads each
+        // distinct expert once.
         let all = routing.layers * experts;
         let tier = self.tier.stats();
         let resident = if tier.resident_experts >= all {
