@@ -342,7 +342,8 @@ impl ExpertTier {
             s.hand_back(&mut evicted);
             fits
         };
-        // Evicted buffers are freed on the copy stream, ahead of the allocation below.
+        // Evicted buffers (not held for `settle`) are freed on the copy stream, ahead of the
+        // allocation below.
         drop(evicted);
         let buf = Arc::new(self.copy_in(&parts, &ranges, len)?);
         let matrices = [0, 1, 2].map(|i| DeviceMatrix::in_buffer(parts[i], buf.clone(), ranges[i].clone()));
