@@ -146,11 +146,27 @@ impl Matrix {
     }
 
     /// The rows of `parts`, one after another, as one matrix (a copy): several projections of
-    /// the same input then run as one product. The parts must share their columns and format.
+    /// the same input then run as one product. The parts must share their columns and format,
+    /// except that affine parts of different bits or groups are first widened to the most bits and
+    /// the smallest group (exactly: see [`widened`](Self::widened)), as mixed quantisation recipes
+    /// make them.
     pub fn concat_rows(parts: &[&Matrix]) -> Result<Matrix, MatrixError> {
         let Some(first) = parts.first() else {
             return Err(MatrixError("no matrices to concatenate".into()));
         };
+        let affine = |m: &&Matrix| match m.format {
+            WeightFormat::Affine { bits, group } => Some((bits, group)),
+            WeightFormat::Float(_) => None,
+        };
+        if let Some(formats) = parts.iter().map(affine).collect::<Option<Vec<_>>>()
+            && formats.windows(2).any(|w| w[0] != w[1])
+        {
+            let bits = formats.iter().map(|f| f.0).max().expect("parts");
+            let group = formats.iter().map(|f| f.1).min().expect("parts");
+            if let Some(wide) = parts.iter().map(|p| p.widened(bits, group)).collect::<Option<Vec<_>>>() {
+                return Matrix::concat_rows(&wide.iter().collect::<Vec<_>>());
+            }
+        }
         for (i, p) in parts.iter().enumerate() {
             if p.cols != first.cols || p.format != first.format {
                 return Err(MatrixError(format!(
@@ -167,6 +183,39 @@ impl Matrix {
             Bytes::from_vec(bytes.concat())
         };
         Ok(first.with_parts(parts.iter().map(|p| p.rows).sum(), [joined(0), joined(1), joined(2)]))
+    }
+
+    /// This affine matrix with `bits`-bit codes in groups of `group` and exactly the same values:
+    /// each code widened, each group's scale and bias repeated over the smaller groups it splits
+    /// into. `None` where that is not exact or not a format (fewer bits, a group that does not
+    /// divide this one's, a float matrix).
+    pub fn widened(&self, bits: u32, group: usize) -> Option<Matrix> {
+        let WeightFormat::Affine { bits: b0, group: g0 } = self.format else { return None };
+        if !matches!(bits, 2 | 4 | 8) || bits < b0 || group == 0 || g0 % group != 0 {
+            return None;
+        }
+        let (per0, per) = ((32 / b0) as usize, (32 / bits) as usize);
+        let (mask0, n) = ((1u32 << b0) - 1, self.rows * self.cols);
+        let word = |bytes: &[u8], w: usize| u32::from_le_bytes(bytes[4 * w..4 * w + 4].try_into().expect("4 bytes"));
+        let mut codes = vec![0u32; n / per];
+        for (i, slot) in (0..n).map(|i| (i, i / per)) {
+            let code = (word(&self.data, i / per0) >> (b0 as usize * (i % per0))) & mask0;
+            codes[slot] |= code << (bits as usize * (i % per));
+        }
+        let split = |b: &Bytes| -> Bytes {
+            let repeat = g0 / group;
+            Bytes::from_vec(
+                b.chunks_exact(2).flat_map(|v| std::iter::repeat_n([v[0], v[1]], repeat)).flatten().collect(),
+            )
+        };
+        Some(Matrix {
+            format: WeightFormat::Affine { bits, group },
+            rows: self.rows,
+            cols: self.cols,
+            data: Bytes::from_vec(codes.iter().flat_map(|w| w.to_le_bytes()).collect()),
+            scales: split(&self.scales),
+            biases: split(&self.biases),
+        })
     }
 
     /// `data`, `scales` and `biases` with the bytes each holds per row: every part is row-major,
@@ -303,10 +352,23 @@ mod tests {
     }
 
     #[test]
+    fn mixed_affine_parts_are_widened_exactly() {
+        let f = every_format();
+        // q4 in groups of 64, q8 and q2 in groups of 32: all become q8 in groups of 32.
+        let parts = [&f[3], &f[2], &f[4]];
+        let cat = Matrix::concat_rows(&parts).unwrap();
+        assert_eq!(cat.format, WeightFormat::Affine { bits: 8, group: 32 });
+        assert_eq!(cat.byte_len(), 18 * cat.format.row_bytes(64));
+        assert_eq!(cat.to_f32(), parts.iter().flat_map(|m| m.to_f32()).collect::<Vec<_>>());
+        // Never narrower, never a group that does not split the old one, never from floats.
+        assert!(f[2].widened(4, 32).is_none() && f[4].widened(8, 64).is_none() && f[0].widened(8, 32).is_none());
+    }
+
+    #[test]
     fn concatenation_needs_one_format_and_width() {
         let f = every_format();
-        let err = Matrix::concat_rows(&[&f[3], &f[2]]).unwrap_err().to_string();
-        assert!(err.contains("part 1 is q8 (group 32)") && err.contains("part 0 q4 (group 64)"), "{err}");
+        let err = Matrix::concat_rows(&[&f[3], &f[1]]).unwrap_err().to_string();
+        assert!(err.contains("part 1 is bf16") && err.contains("part 0 q4 (group 64)"), "{err}");
         let narrow = Matrix::from_f32(1, 2, &[1.0, 2.0]);
         assert!(Matrix::concat_rows(&[&f[0], &narrow]).is_err());
         assert!(Matrix::concat_rows(&[]).is_err());
