@@ -119,6 +119,35 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const flo
     }
 }
 
+// One expert's gate and up matrices: codes, bf16 scales and biases (parts 0-5 of `slot_part`).
+struct GateUp {
+    const u8 *gw, *uw;
+    const u16 *gs, *gb, *us, *ub;
+};
+
+__device__ __forceinline__ GateUp gate_up_of(const MoeSlots& m, const int* ids, int k) {
+    return GateUp{slot_part(m, ids, k, 0),          slot_part(m, ids, k, 3),
+                  (const u16*)slot_part(m, ids, k, 1), (const u16*)slot_part(m, ids, k, 2),
+                  (const u16*)slot_part(m, ids, k, 4), (const u16*)slot_part(m, ids, k, 5)};
+}
+
+// Chunk c of gate rows r0..r0+nr into raw[0..nr) and of up rows into raw[DEC_ROWS..), with their
+// scales and biases, all loads in flight together.
+template <int F>
+__device__ __forceinline__ void load_gate_up(const GateUp& w, u64 row_bytes, int groups, int r0, int nr, int c,
+                                             uint4* raw, uint2* sb) {
+#pragma unroll
+    for (int i = 0; i < DEC_ROWS; i++) {
+        if (i < nr) {
+            const u64 g = (u64)(r0 + i) * groups;
+            raw[i] = ld_stream((const uint4*)(w.gw + (u64)(r0 + i) * row_bytes) + c);
+            raw[DEC_ROWS + i] = ld_stream((const uint4*)(w.uw + (u64)(r0 + i) * row_bytes) + c);
+            sb[i] = load_sb<F>(w.gs + g, w.gb + g, c);
+            sb[DEC_ROWS + i] = load_sb<F>(w.us + g, w.ub + g, c);
+        }
+    }
+}
+
 // h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
 // k = blockIdx.y and DEC_ROWS rows r per block (`ids`, when a table is given, holds each token's
 // gridDim.y chosen experts): each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS
@@ -137,28 +166,14 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
     h += (u64)t * slots * inter;
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
-    const u8* gw = slot_part(m, ids, k, 0);
-    const u8* uw = slot_part(m, ids, k, 3);
-    const u16* gs = (const u16*)slot_part(m, ids, k, 1);
-    const u16* gb = (const u16*)slot_part(m, ids, k, 2);
-    const u16* us = (const u16*)slot_part(m, ids, k, 4);
-    const u16* ub = (const u16*)slot_part(m, ids, k, 5);
+    const GateUp w = gate_up_of(m, ids, k);
     float acc[2 * DEC_ROWS];
 #pragma unroll
     for (int i = 0; i < 2 * DEC_ROWS; i++) acc[i] = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
         uint4 raw[2 * DEC_ROWS];
         uint2 sb[2 * DEC_ROWS];
-#pragma unroll
-        for (int i = 0; i < DEC_ROWS; i++) {
-            if (i < nr) {
-                const u64 g = (u64)(r0 + i) * groups;
-                raw[i] = ld_stream((const uint4*)(gw + (u64)(r0 + i) * row_bytes) + c);
-                raw[DEC_ROWS + i] = ld_stream((const uint4*)(uw + (u64)(r0 + i) * row_bytes) + c);
-                sb[i] = load_sb<F>(gs + g, gb + g, c);
-                sb[DEC_ROWS + i] = load_sb<F>(us + g, ub + g, c);
-            }
-        }
+        load_gate_up<F>(w, row_bytes, groups, r0, nr, c, raw, sb);
         float xr[Chunk<F>::E];
         const float xsum = load_x<F>(x, c, xr);
 #pragma unroll
@@ -301,12 +316,7 @@ __device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, cons
     const int r0 = blockIdx.x * DEC_ROWS, nr = min(DEC_ROWS, inter - r0);
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
-    const u8* gw = slot_part(m, &e, 0, 0);
-    const u8* uw = slot_part(m, &e, 0, 3);
-    const u16* gs = (const u16*)slot_part(m, &e, 0, 1);
-    const u16* gb = (const u16*)slot_part(m, &e, 0, 2);
-    const u16* us = (const u16*)slot_part(m, &e, 0, 4);
-    const u16* ub = (const u16*)slot_part(m, &e, 0, 5);
+    const GateUp w = gate_up_of(m, &e, 0);
     for (int s0 = first; s0 < end; s0 += B) {
         const int nb = min(B, end - s0);
         if (threadIdx.x < nb) pair[threadIdx.x] = order[s0 + threadIdx.x];
@@ -317,16 +327,7 @@ __device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, cons
         for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
             uint4 raw[2 * DEC_ROWS];
             uint2 sb[2 * DEC_ROWS];
-#pragma unroll
-            for (int r = 0; r < DEC_ROWS; r++) {
-                if (r < nr) {
-                    const u64 g = (u64)(r0 + r) * groups;
-                    raw[r] = ld_stream((const uint4*)(gw + (u64)(r0 + r) * row_bytes) + c);
-                    raw[DEC_ROWS + r] = ld_stream((const uint4*)(uw + (u64)(r0 + r) * row_bytes) + c);
-                    sb[r] = load_sb<F>(gs + g, gb + g, c);
-                    sb[DEC_ROWS + r] = load_sb<F>(us + g, ub + g, c);
-                }
-            }
+            load_gate_up<F>(w, row_bytes, groups, r0, nr, c, raw, sb);
 #pragma unroll
             for (int b = 0; b < B; b++) {
                 if (b < nb) {

@@ -540,10 +540,10 @@ impl<B: Backend> Model<B> {
     /// this layer's experts and the next layer's mixer instead of following them.
     fn look_ahead(&self, layer: usize, x: &B::Tensor) {
         let (b, c) = (&self.backend, &self.config);
-        let Some(next) = self.layers.get(layer + 1) else { return };
+        let Some(next) = self.layers.get(layer + 1).filter(|_| self.lookahead) else { return };
         let cached =
             self.experts.stats().resident_experts as usize + b.expert_tier_stats().map_or(0, |s| s.resident_experts);
-        if !self.lookahead || cached >= self.layers.len() * c.experts {
+        if cached >= self.layers.len() * c.experts {
             return;
         }
         let mut logits = b.scratch(c.experts);
