@@ -216,10 +216,13 @@ impl EvictedExpert {
         self.entry.key
     }
 
-    /// Copies the expert's nine parts (gate codes, scales, biases, then up's, then down's) to
-    /// `parts` of `host`, waiting for the copies. False, having written nothing usable, if a
-    /// part's length differs from its range's or a copy fails.
-    pub fn copy_to_host(&self, host: &mut [MaybeUninit<u8>], parts: &[Range<usize>; 9]) -> bool {
+    /// Starts copying the expert's nine parts (gate codes, scales, biases, then up's, then
+    /// down's) to `parts` of `host` (page-locked memory) on the tier's copy stream, without
+    /// waiting: they have landed when the [`wait`](CopyMark::wait) of a later
+    /// [`ExpertTier::mark_copies`] returns. Until then the device copy must stay (keep `self`)
+    /// and `host` must not be read or reused. False, with nothing left in flight and nothing
+    /// usable written, if a part's length differs from its range's or a copy fails.
+    pub fn start_copy_to_host(&self, host: &mut [MaybeUninit<u8>], parts: &[Range<usize>; 9]) -> bool {
         let mut spans = Vec::with_capacity(9);
         for m in &self.entry.matrices {
             let (buf, ranges) = m.spans();
@@ -236,7 +239,8 @@ impl EvictedExpert {
             // Event tracking is off (see `Gpu::new`): the guard records nothing.
             let (base, _guard) = buf.device_ptr(&self.copy);
             // SAFETY: `p` lies in `host` (checked above) and `r` in `buf`, both `r.len()` bytes;
-            // the copy is waited for below, before `host` can be used or `buf` freed.
+            // the caller keeps both until the copies are waited for (see above), and a failure
+            // waits for the copies already queued before `host` can be dropped.
             let done = unsafe {
                 sys::cuMemcpyDtoHAsync_v2(host[p.clone()].as_mut_ptr().cast(), base + r.start as u64, r.len(), stream)
             };
@@ -245,7 +249,17 @@ impl EvictedExpert {
                 return false;
             }
         }
-        self.copy.synchronize().is_ok()
+        true
+    }
+}
+
+/// A point in the tier's copy stream (see [`ExpertTier::mark_copies`]).
+pub struct CopyMark(CudaEvent);
+
+impl CopyMark {
+    /// Waits until the copies queued before the mark have landed.
+    pub fn wait(&self) -> Result<()> {
+        self.0.synchronize().what("waiting for expert copies")
     }
 }
 
@@ -266,6 +280,18 @@ impl ExpertTier {
         drop(back);
         let evicted = gone.into_iter().map(|entry| EvictedExpert { entry, copy: self.copy.clone() }).collect();
         (kept, evicted)
+    }
+
+    /// Marks the copies queued on the copy stream so far (the handovers of
+    /// [`EvictedExpert::start_copy_to_host`]), for the host to wait for them later. (Uploads, on
+    /// the same stream, come after them anyway.)
+    pub fn mark_copies(&self) -> Result<CopyMark> {
+        Ok(CopyMark(self.copy.record_event(None).what("recording an event")?))
+    }
+
+    /// Waits for everything queued on the copy stream.
+    pub fn synchronize_copies(&self) -> Result<()> {
+        self.copy.synchronize().what("waiting for expert copies")
     }
 
     /// Sets the budget; an `auto` one is resolved now from free device memory. What no longer

@@ -20,7 +20,7 @@ pub use device::{
     BULK_MIN_ROWS, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MOE_MAX_TOKENS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS,
     expert_parts, host_parts, part_offsets,
 };
-pub use experts::{Bandwidth, EvictedExpert, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget};
+pub use experts::{Bandwidth, CopyMark, EvictedExpert, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget};
 pub use graph::{StepGraph, StepInputs};
 pub use pinned::{PinnedPool, PinnedStats};
 

@@ -35,7 +35,7 @@ use moe_cuda::{
     CudaSlice, DeviceMatrix, Gpu, MOE_MAX_SLOTS, MOE_MAX_TOKENS, MoeExperts, MoeShape, ROUTE_MAX_EXPERTS, expert_parts,
     part_offsets,
 };
-use moe_store::{Budget, Expert, ExpertSource};
+use moe_store::{Adopted, Budget, Expert, ExpertSource};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +63,30 @@ pub struct CudaBackend {
     spoiled: AtomicBool,
     /// Counts reallocations of the scratch that recorded steps use.
     scratch_epoch: AtomicU64,
+    /// The experts evicted at the last settled layer, on their way into the RAM tier (after
+    /// `tier`, so that its drop waits for the copies first).
+    handover: Mutex<Option<Handover>>,
+}
+
+/// Evicted experts of `layer` whose device-to-host copies into the RAM tier's buffers are in
+/// flight: the device copies and the buffers are held until `done` has passed. The next layer's
+/// settling waits for it, by when the copies have long landed (a layer's work ran meanwhile);
+/// so does anything that asks the store for this layer's experts before that (a model of one
+/// layer).
+struct Handover {
+    layer: usize,
+    done: moe_cuda::CopyMark,
+    held: Vec<(moe_cuda::EvictedExpert, Adopted)>,
+}
+
+impl Handover {
+    fn land(self) {
+        // A failed wait leaves the copies' outcome unknown: their device and host memory stay
+        // held (leaked) rather than be reused under a copy that may still run.
+        if self.done.wait().is_err() {
+            std::mem::forget(self.held);
+        }
+    }
 }
 
 /// A decode step recorded as a graph.
@@ -160,6 +184,7 @@ impl CudaBackend {
             recording: AtomicBool::new(false),
             spoiled: AtomicBool::new(false),
             scratch_epoch: AtomicU64::new(0),
+            handover: Mutex::new(None),
         })
     }
 
@@ -300,7 +325,21 @@ impl CudaBackend {
 
     /// The address table of `layer`'s experts (see [`table_experts`](Self::table_experts)), if
     /// they are all resident and share one shape and layout.
+    /// Lands the pending [`Handover`] if it is of `layer` (any with `None`): before the store is
+    /// asked for that layer's experts.
+    fn land_handover(&self, layer: Option<usize>) {
+        let mut pending = self.handover.lock().unwrap();
+        if pending.as_ref().is_some_and(|h| layer.is_none_or(|l| l == h.layer))
+            && let Some(h) = pending.take()
+        {
+            h.land();
+        }
+    }
+
     fn layer_table(&self, layer: usize, experts: usize, host: Option<&dyn ExpertSource>) -> Result<Option<LayerTable>> {
+        if host.is_some() {
+            self.land_handover(Some(layer));
+        }
         let ids: Vec<usize> = (0..experts).collect();
         let (parts, shapes, held, host_bytes): (Vec<Option<[u64; 9]>>, Vec<_>, _, _) = match host {
             None => {
@@ -428,6 +467,7 @@ impl Backend for CudaBackend {
     where
         F: FnOnce() -> Result<moe_store::Expert>,
     {
+        self.land_handover(Some(layer));
         if let Some(h) = self.tier.lookup(layer, id) {
             return Ok(h);
         }
@@ -436,13 +476,30 @@ impl Backend for CudaBackend {
     }
 
     fn settle_experts(&self, store: &dyn ExpertSource) {
+        let mut handover = self.handover.lock().unwrap();
+        if let Some(h) = handover.take() {
+            h.land();
+        }
         let (kept, evicted) = self.tier.settle();
         for (layer, e) in kept {
             store.release(layer, e);
         }
+        let mut held = Vec::new();
         for x in evicted {
             let (layer, e) = x.key();
-            store.adopt(layer, e, &mut |host, parts| x.copy_to_host(host, parts));
+            if let Some(a) = store.adopt(layer, e, &mut |host, parts| x.start_copy_to_host(host, parts)) {
+                held.push((x, a));
+            }
+        }
+        let Some(layer) = held.first().map(|(x, _)| x.key().0) else { return };
+        match self.tier.mark_copies() {
+            Ok(done) => *handover = Some(Handover { layer, done, held }),
+            // No mark: wait for the whole copy stream instead.
+            Err(_) => {
+                if self.tier.synchronize_copies().is_err() {
+                    std::mem::forget(held);
+                }
+            }
         }
     }
 
@@ -478,6 +535,7 @@ impl Backend for CudaBackend {
     }
 
     fn preload_experts(&self, store: &dyn ExpertSource, routing: &Routing) -> Result<()> {
+        self.land_handover(None);
         self.tier.set_budget(self.tier.requested_budget())?;
         let budget = self.tier.stats().budget.unwrap_or(0);
         if store.total_bytes() as u64 > budget {
@@ -738,6 +796,7 @@ impl Backend for CudaBackend {
         // The host needs the ids: copy them back and wait for that copy only.
         let ids: Vec<usize> = self.gpu.read_ids(&r.ids, k, &mut r.host_ids)?.iter().map(|&i| i as usize).collect();
         let missing: Vec<usize> = ids.iter().copied().filter(|&e| !self.tier.contains(layer, e)).collect();
+        self.land_handover(Some(layer));
         store.prefetch(layer, &missing);
         shared(acc);
         let mut fetched: HashMap<usize, Expert> =

@@ -33,7 +33,7 @@ use crate::cache::Cache;
 use crate::layout::ExpertLayout;
 use crate::options::{Eviction, StoreOptions, format_bytes};
 use crate::reader::{AlignedBuf, PendingRead, READ_CHUNK, Reader};
-use crate::{Expert, ExpertSource, Fill, StoreError};
+use crate::{Adopted, Expert, ExpertSource, Fill, StoreError};
 use moe_core::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -723,31 +723,31 @@ impl ExpertSource for ExpertStore {
         drop(dropped);
     }
 
-    fn adopt(&self, layer: usize, expert: usize, fill: &mut Fill<'_>) -> bool {
+    fn adopt(&self, layer: usize, expert: usize, fill: &mut Fill<'_>) -> Option<Adopted> {
         let s = &self.shared;
-        let Ok(key) = s.key(layer, expert) else { return false };
+        let key = s.key(layer, expert).ok()?;
         let len = s.layout.plan(layer, expert, s.reader.direct()).buf_len;
         let taken = |st: &State| st.cache.contains(key) || st.inflight.contains_key(&key);
         {
             let st = lock(&s.state);
             if len as u64 > st.cache.budget() || taken(&st) {
-                return false;
+                return None;
             }
         }
         let parts = s.part_ranges(layer, expert, len);
-        let Some(buf) = s.reader.filled(len, &parts, &mut |b| fill(b, &parts)) else { return false };
+        let buf = Arc::new(s.reader.filled(len, &parts, &mut |b| fill(b, &parts))?);
         let mut evicted = Vec::new();
         let kept = {
             let mut st = lock(&s.state);
             // Read meanwhile on someone's request: that copy stands.
-            !taken(&st) && st.cache.insert(key, Arc::new(buf), len as u64, &mut evicted)
+            !taken(&st) && st.cache.insert(key, buf.clone(), len as u64, &mut evicted)
         };
         // Freed outside the lock.
         drop(evicted);
         if kept {
             s.counters.adopted.fetch_add(1, Ordering::Relaxed);
         }
-        kept
+        Some(Adopted { kept, buffer: buf })
     }
 
     fn is_resident(&self, layer: usize, expert: usize) -> bool {
@@ -985,15 +985,15 @@ mod tests {
                 true
             }
         };
-        assert!(store.adopt(0, 2, &mut from(2)));
+        assert!(store.adopt(0, 2, &mut from(2)).is_some_and(|a| a.kept));
         assert!(store.is_resident(0, 2));
         assert_eq!(bytes_of(&store.expert(0, 2).unwrap()), &data[2 * len..3 * len]);
         let s = store.stats();
         assert_eq!((s.adopted, s.hits, s.reads, s.resident_experts), (1, 1, 0, 1), "{s:?}");
 
-        assert!(!store.adopt(0, 2, &mut from(2)), "resident already");
-        assert!(!store.adopt(0, 9, &mut from(1)), "out of range");
-        assert!(!store.adopt(0, 1, &mut |_, _| false), "a failed fill");
+        assert!(store.adopt(0, 2, &mut from(2)).is_none(), "resident already");
+        assert!(store.adopt(0, 9, &mut from(1)).is_none(), "out of range");
+        assert!(store.adopt(0, 1, &mut |_, _| false).is_none(), "a failed fill");
         assert!(!store.is_resident(0, 1));
         assert_eq!(bytes_of(&store.expert(0, 1).unwrap()), &data[len..2 * len]);
         assert_eq!(store.stats().adopted, 1);

@@ -116,6 +116,14 @@ impl Expert {
 }
 
 /// Writes an expert's parts into a buffer (see [`ExpertSource::adopt`]).
+/// What [`ExpertSource::adopt`] did with a buffer `fill` wrote: whether the expert was kept in
+/// the RAM tier (not if a read of it finished meanwhile), and the buffer itself, whose memory is
+/// not reused while `buffer` is held.
+pub struct Adopted {
+    pub kept: bool,
+    pub buffer: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
 pub type Fill<'a> = dyn FnMut(&mut [std::mem::MaybeUninit<u8>], &[std::ops::Range<usize>; 9]) -> bool + 'a;
 
 /// Routed experts, fetched per use. Implementations must be safe to call from many threads.
@@ -138,11 +146,14 @@ pub trait ExpertSource: Send + Sync {
     /// read: the source makes a buffer laid out as a read of the expert would be, and `fill`
     /// writes the expert's nine parts into it at the ranges it is given (gate codes, scales and
     /// biases, then up's, then down's; a float matrix's scales and biases are empty) and says
-    /// whether it did. Whether the expert was kept: not where the source has no RAM tier, its
-    /// budget cannot hold the expert, the expert is resident or being read already, or `fill`
-    /// failed. The default keeps nothing.
-    fn adopt(&self, _layer: usize, _expert: usize, _fill: &mut Fill<'_>) -> bool {
-        false
+    /// whether it did. `None` where `fill` did not run or failed: the source has no RAM tier, its
+    /// budget cannot hold the expert, or the expert is resident or being read already. The
+    /// default keeps nothing.
+    ///
+    /// `fill` may leave writes in flight (device-to-host copies) if the caller holds
+    /// [`Adopted::buffer`] until they land and asks for the expert only after that.
+    fn adopt(&self, _layer: usize, _expert: usize, _fill: &mut Fill<'_>) -> Option<Adopted> {
+        None
     }
     /// Whether the expert is resident in the source's RAM tier now (ids out of range are not).
     fn is_resident(&self, _layer: usize, _expert: usize) -> bool {
