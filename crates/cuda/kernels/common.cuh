@@ -220,6 +220,16 @@ __device__ __forceinline__ void chunk_dot(uint4 raw, const u16* __restrict__ sc,
 #define DEC_ROWS 4
 #define DEC_THREADS 128
 
+// Row i of DEC_ROWS from row r0 of a matrix of `rows` rows, `chunks` 16-byte chunks and `groups`
+// affine groups each: its offset in chunks and in groups from row r0. Rows past the end (the
+// last block's) read row r0 again, and their sums are not stored: the loads need no bounds, and
+// no 64-bit row products (those were a fifth of the one-token kernels' instructions).
+struct RowOffsets {
+    int nr, chunks, groups;
+    __device__ __forceinline__ int chunk(int i) const { return i < nr ? i * chunks : 0; }
+    __device__ __forceinline__ int group(int i) const { return i < nr ? i * groups : 0; }
+};
+
 // The E inputs of chunk `c` into registers; returns their sum for affine formats (which
 // `dot_chunk` takes), computed once for all the rows a thread multiplies them with.
 template <int F>

@@ -65,18 +65,20 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
     if (vec) {
         const int chunks = (int)(row_bytes / 16);
         const int U = Chunk<F>::E >= 64 ? 1 : 2;
+        const uint4* w = (const uint4*)(data + (u64)r0 * row_bytes);
+        const u16 *sc = scales + (u64)r0 * groups, *bi = biases + (u64)r0 * groups;
+        const RowOffsets o{nr, chunks, groups};
         for (int c0 = threadIdx.x; c0 < chunks; c0 += DEC_THREADS * U) {
             uint4 raw[U][DEC_ROWS];
             uint2 sb[U][DEC_ROWS];
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int c = c0 + u * DEC_THREADS;
+                if (c < chunks) {
 #pragma unroll
-                for (int i = 0; i < DEC_ROWS; i++) {
-                    if (c < chunks && i < nr) {
-                        const u64 g = (u64)(r0 + i) * groups;
-                        raw[u][i] = ld_stream((const uint4*)(data + (u64)(r0 + i) * row_bytes) + c);
-                        sb[u][i] = load_sb<F>(scales + g, biases + g, c);
+                    for (int i = 0; i < DEC_ROWS; i++) {
+                        raw[u][i] = ld_stream(w + o.chunk(i) + c);
+                        sb[u][i] = load_sb<F>(sc + o.group(i), bi + o.group(i), c);
                     }
                 }
             }

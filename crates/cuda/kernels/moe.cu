@@ -131,21 +131,24 @@ __device__ __forceinline__ GateUp gate_up_of(const MoeSlots& m, const int* ids, 
                   (const u16*)slot_part(m, ids, k, 4), (const u16*)slot_part(m, ids, k, 5)};
 }
 
-// Chunk c of gate rows r0..r0+nr into raw[0..nr) and of up rows into raw[DEC_ROWS..), with their
-// scales and biases, all loads in flight together.
+// Chunk c of gate rows r0..r0+DEC_ROWS into raw[0..DEC_ROWS) and of up rows into
+// raw[DEC_ROWS..), with their scales and biases, all loads in flight together (`w` points at row
+// r0 of each matrix).
 template <int F>
-__device__ __forceinline__ void load_gate_up(const GateUp& w, u64 row_bytes, int groups, int r0, int nr, int c,
-                                             uint4* raw, uint2* sb) {
+__device__ __forceinline__ void load_gate_up(const GateUp& w, const RowOffsets& o, int c, uint4* raw, uint2* sb) {
 #pragma unroll
     for (int i = 0; i < DEC_ROWS; i++) {
-        if (i < nr) {
-            const u64 g = (u64)(r0 + i) * groups;
-            raw[i] = ld_stream((const uint4*)(w.gw + (u64)(r0 + i) * row_bytes) + c);
-            raw[DEC_ROWS + i] = ld_stream((const uint4*)(w.uw + (u64)(r0 + i) * row_bytes) + c);
-            sb[i] = load_sb<F>(w.gs + g, w.gb + g, c);
-            sb[DEC_ROWS + i] = load_sb<F>(w.us + g, w.ub + g, c);
-        }
+        raw[i] = ld_stream((const uint4*)w.gw + o.chunk(i) + c);
+        raw[DEC_ROWS + i] = ld_stream((const uint4*)w.uw + o.chunk(i) + c);
+        sb[i] = load_sb<F>(w.gs + o.group(i), w.gb + o.group(i), c);
+        sb[DEC_ROWS + i] = load_sb<F>(w.us + o.group(i), w.ub + o.group(i), c);
     }
+}
+
+// `w` moved to row r of each of its matrices.
+__device__ __forceinline__ GateUp gate_up_at(GateUp w, int r, u64 row_bytes, int groups) {
+    const u64 b = (u64)r * row_bytes, g = (u64)r * groups;
+    return GateUp{w.gw + b, w.uw + b, w.gs + g, w.gb + g, w.us + g, w.ub + g};
 }
 
 // h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
@@ -166,14 +169,15 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
     h += (u64)t * slots * inter;
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
-    const GateUp w = gate_up_of(m, ids, k);
+    const GateUp w = gate_up_at(gate_up_of(m, ids, k), r0, row_bytes, groups);
+    const RowOffsets o{nr, chunks, groups};
     float acc[2 * DEC_ROWS];
 #pragma unroll
     for (int i = 0; i < 2 * DEC_ROWS; i++) acc[i] = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
         uint4 raw[2 * DEC_ROWS];
         uint2 sb[2 * DEC_ROWS];
-        load_gate_up<F>(w, row_bytes, groups, r0, nr, c, raw, sb);
+        load_gate_up<F>(w, o, c, raw, sb);
         float xr[Chunk<F>::E];
         const float xsum = load_x<F>(x, c, xr);
 #pragma unroll
@@ -217,6 +221,8 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
     const int chunks = (int)(row_bytes / 16), groups = inter / GROUP;
     const int items = slots * chunks;
     const int U = Chunk<F>::E >= 64 ? 1 : 2;
+    const u64 first_row = (u64)r0 * row_bytes, first_group = (u64)r0 * groups;
+    const RowOffsets o{nr, chunks, groups};
     float acc[DEC_ROWS];
 #pragma unroll
     for (int i = 0; i < DEC_ROWS; i++) acc[i] = 0.0f;
@@ -228,16 +234,13 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
             const int it = it0 + u * DEC_THREADS;
             if (it < items) {
                 const int k = it / chunks, c = it - k * chunks;
-                const u8* d = slot_part(m, ids, k, 6);
-                const u16* sc = (const u16*)slot_part(m, ids, k, 7);
-                const u16* bi = (const u16*)slot_part(m, ids, k, 8);
+                const uint4* d = (const uint4*)(slot_part(m, ids, k, 6) + first_row);
+                const u16* sc = (const u16*)slot_part(m, ids, k, 7) + first_group;
+                const u16* bi = (const u16*)slot_part(m, ids, k, 8) + first_group;
 #pragma unroll
                 for (int i = 0; i < DEC_ROWS; i++) {
-                    if (i < nr) {
-                        const u64 g = (u64)(r0 + i) * groups;
-                        raw[u][i] = ld_stream((const uint4*)(d + (u64)(r0 + i) * row_bytes) + c);
-                        sb[u][i] = load_sb<F>(sc + g, bi + g, c);
-                    }
+                    raw[u][i] = ld_stream(d + o.chunk(i) + c);
+                    sb[u][i] = load_sb<F>(sc + o.group(i), bi + o.group(i), c);
                 }
             }
         }
@@ -316,7 +319,8 @@ __device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, cons
     const int r0 = blockIdx.x * DEC_ROWS, nr = min(DEC_ROWS, inter - r0);
     const u64 row_bytes = (u64)hidden * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
-    const GateUp w = gate_up_of(m, &e, 0);
+    const GateUp w = gate_up_at(gate_up_of(m, &e, 0), r0, row_bytes, groups);
+    const RowOffsets o{nr, chunks, groups};
     for (int s0 = first; s0 < end; s0 += B) {
         const int nb = min(B, end - s0);
         if (threadIdx.x < nb) pair[threadIdx.x] = order[s0 + threadIdx.x];
@@ -327,7 +331,7 @@ __device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, cons
         for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
             uint4 raw[2 * DEC_ROWS];
             uint2 sb[2 * DEC_ROWS];
-            load_gate_up<F>(w, row_bytes, groups, r0, nr, c, raw, sb);
+            load_gate_up<F>(w, o, c, raw, sb);
 #pragma unroll
             for (int b = 0; b < B; b++) {
                 if (b < nb) {
@@ -368,7 +372,9 @@ __device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, cons
                         int sigmoid, float* out) {                                                                \
         moe_down_impl<F>(m, slots, h, hidden, inter, weights, sigmoid, out);                                      \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                    \
+    /* Three blocks per SM (168 registers): unbounded, the row offsets kept across the passes */              \
+    /* took 243 registers and left two. */                                                                     \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, 3)                                                 \
         moe_gate_up_grouped_##NAME(const MoeSlots m, const int* order, const int* starts, const int* distinct,    \
                                    int k, const float* x, int hidden, int inter, float* h) {                      \
         moe_gate_up_grouped_impl<F>(m, order, starts, distinct, k, x, hidden, inter, h);                          \
