@@ -126,9 +126,17 @@ struct GateUp {
 };
 
 __device__ __forceinline__ GateUp gate_up_of(const MoeSlots& m, const int* ids, int k) {
-    return GateUp{slot_part(m, ids, k, 0),          slot_part(m, ids, k, 3),
-                  (const u16*)slot_part(m, ids, k, 1), (const u16*)slot_part(m, ids, k, 2),
-                  (const u16*)slot_part(m, ids, k, 4), (const u16*)slot_part(m, ids, k, 5)};
+    // The table entry read once for the six parts (the compiler keeps six pairs of loads else).
+    u64 p[6];
+#pragma unroll
+    for (int i = 0; i < 6; i++) p[i] = m.part[k][i];
+    if (m.table) {
+        const u64 base = m.table[ids[k]];
+#pragma unroll
+        for (int i = 0; i < 6; i++) p[i] = base + m.off[i];
+    }
+    return GateUp{(const u8*)p[0],  (const u8*)p[3],  (const u16*)p[1],
+                  (const u16*)p[2], (const u16*)p[4], (const u16*)p[5]};
 }
 
 // Chunk c of gate rows r0..r0+DEC_ROWS into raw[0..DEC_ROWS) and of up rows into
@@ -196,13 +204,18 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
 
 // out[t][r] += sum over slots k of w_k * (down_k[r] . h[t][k]), w_k = weights[t][k] (or its
 // sigmoid when `sigmoid`, for the gated shared expert), for token t = blockIdx.y and DEC_ROWS rows
-// r per block. The block's threads share
-// the (slot, chunk) pairs; each loads a chunk of h[k] once for DEC_ROWS rows, two pairs in flight.
+// r per block. The block's threads share the (slot, chunk) pairs; each loads a chunk of h[k] once
+// for DEC_ROWS rows, two pairs in flight. Each slot's row pointers are looked up once per block
+// (into shared memory), not per pair: in a table's case that is two dependent loads (the id, then
+// the table entry) ahead of every weight load.
 template <int F>
 __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, const float* __restrict__ h, int hidden,
                                               int inter, const float* __restrict__ weights, int sigmoid,
                                               float* __restrict__ out) {
     __shared__ float w[MOE_MAX_SLOTS];
+    __shared__ const uint4* codes[MOE_MAX_SLOTS];
+    __shared__ const u16* scales[MOE_MAX_SLOTS];
+    __shared__ const u16* biases[MOE_MAX_SLOTS];
     __shared__ float red[DEC_ROWS * DEC_THREADS / 32];
     grid_start();
     const int t = blockIdx.y;
@@ -210,19 +223,24 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
     h += (u64)t * slots * inter;
     weights += t * slots;
     out += (u64)t * hidden;
-    if (threadIdx.x < slots) {
-        const float v = weights[threadIdx.x];
-        w[threadIdx.x] = sigmoid ? sigmoidf_(v) : v;
-    }
-    __syncthreads();
     const int r0 = blockIdx.x * DEC_ROWS;
     const int nr = min(DEC_ROWS, hidden - r0);
     const u64 row_bytes = (u64)inter * Fmt<F>::BITS / 8;
     const int chunks = (int)(row_bytes / 16), groups = inter / GROUP;
+    if (threadIdx.x < slots) {
+        const int k = threadIdx.x;
+        const float v = weights[k];
+        w[k] = sigmoid ? sigmoidf_(v) : v;
+        codes[k] = (const uint4*)(slot_part(m, ids, k, 6) + (u64)r0 * row_bytes);
+        scales[k] = (const u16*)slot_part(m, ids, k, 7) + (u64)r0 * groups;
+        biases[k] = (const u16*)slot_part(m, ids, k, 8) + (u64)r0 * groups;
+    }
+    __syncthreads();
     const int items = slots * chunks;
     const int U = Chunk<F>::E >= 64 ? 1 : 2;
-    const u64 first_row = (u64)r0 * row_bytes, first_group = (u64)r0 * groups;
     const RowOffsets o{nr, chunks, groups};
+    // it / chunks as a multiply-high: exact, as it * chunks < 2^32 (at most 16 slots of 1024).
+    const u32 per_chunks = 0xffffffffu / (u32)chunks + 1u;
     float acc[DEC_ROWS];
 #pragma unroll
     for (int i = 0; i < DEC_ROWS; i++) acc[i] = 0.0f;
@@ -233,10 +251,9 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
         for (int u = 0; u < U; u++) {
             const int it = it0 + u * DEC_THREADS;
             if (it < items) {
-                const int k = it / chunks, c = it - k * chunks;
-                const uint4* d = (const uint4*)(slot_part(m, ids, k, 6) + first_row);
-                const u16* sc = (const u16*)slot_part(m, ids, k, 7) + first_group;
-                const u16* bi = (const u16*)slot_part(m, ids, k, 8) + first_group;
+                const int k = __umulhi(it, per_chunks), c = it - k * chunks;
+                const uint4* d = codes[k];
+                const u16 *sc = scales[k], *bi = biases[k];
 #pragma unroll
                 for (int i = 0; i < DEC_ROWS; i++) {
                     raw[u][i] = ld_stream(d + o.chunk(i) + c);
@@ -248,7 +265,7 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
         for (int u = 0; u < U; u++) {
             const int it = it0 + u * DEC_THREADS;
             if (it < items) {
-                const int k = it / chunks, c = it - k * chunks;
+                const int k = __umulhi(it, per_chunks), c = it - k * chunks;
                 float xr[Chunk<F>::E];
                 const float xsum = load_x<F>(h + (u64)k * inter, c, xr);
 #pragma unroll
