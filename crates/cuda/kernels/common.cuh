@@ -220,10 +220,11 @@ __device__ __forceinline__ void chunk_dot(uint4 raw, const u16* __restrict__ sc,
 #define DEC_ROWS 4
 #define DEC_THREADS 128
 
-// Row i of DEC_ROWS from row r0 of a matrix of `rows` rows, `chunks` 16-byte chunks and `groups`
-// affine groups each: its offset in chunks and in groups from row r0. Rows past the end (the
-// last block's) read row r0 again, and their sums are not stored: the loads need no bounds, and
-// no 64-bit row products (those were a fifth of the one-token kernels' instructions).
+// Row i of a block's DEC_ROWS (the first `nr` of them real) in rows of `chunks` 16-byte chunks
+// and `groups` affine groups: its offset in chunks and in groups from the block's first row. Rows
+// past the end (the last block's) read the first row again, and their sums are not stored: the
+// loads need no bounds and no 64-bit row products (a tenth of the one-token matvec's
+// instructions, 960 -> 864 in its disassembly).
 struct RowOffsets {
     int nr, chunks, groups;
     __device__ __forceinline__ int chunk(int i) const { return i < nr ? i * chunks : 0; }
