@@ -476,10 +476,7 @@ impl Backend for CudaBackend {
     }
 
     fn settle_experts(&self, store: &dyn ExpertSource) {
-        let mut handover = self.handover.lock().unwrap();
-        if let Some(h) = handover.take() {
-            h.land();
-        }
+        self.land_handover(None);
         let (kept, evicted) = self.tier.settle();
         for (layer, e) in kept {
             store.release(layer, e);
@@ -493,7 +490,7 @@ impl Backend for CudaBackend {
         }
         let Some(layer) = held.first().map(|(x, _)| x.key().0) else { return };
         match self.tier.mark_copies() {
-            Ok(done) => *handover = Some(Handover { layer, done, held }),
+            Ok(done) => *self.handover.lock().unwrap() = Some(Handover { layer, done, held }),
             // No mark: wait for the whole copy stream instead.
             Err(_) => {
                 if self.tier.synchronize_copies().is_err() {

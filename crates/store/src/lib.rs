@@ -115,7 +115,6 @@ impl Expert {
     }
 }
 
-/// Writes an expert's parts into a buffer (see [`ExpertSource::adopt`]).
 /// What [`ExpertSource::adopt`] did with a buffer `fill` wrote: whether the expert was kept in
 /// the RAM tier (not if a read of it finished meanwhile), and the buffer itself, whose memory is
 /// not reused while `buffer` is held.
@@ -124,6 +123,7 @@ pub struct Adopted {
     pub buffer: std::sync::Arc<dyn std::any::Any + Send + Sync>,
 }
 
+/// Writes an expert's parts into a buffer (see [`ExpertSource::adopt`]).
 pub type Fill<'a> = dyn FnMut(&mut [std::mem::MaybeUninit<u8>], &[std::ops::Range<usize>; 9]) -> bool + 'a;
 
 /// Routed experts, fetched per use. Implementations must be safe to call from many threads.

@@ -255,10 +255,6 @@ impl Reader {
         }
     }
 
-    /// Starts reading `plan` (made for expert `expert` of layer `layer`, with `O_DIRECT` if
-    /// `direct`): allocates the buffer and splits the extents into chunks of at most `chunk`
-    /// bytes (a multiple of [`DIRECT_ALIGN`]). Panics if an extent lies outside the buffer or
-    /// names no file (a layout bug).
     /// A buffer of `len` bytes, from the same memory as the reads', made from elsewhere than the
     /// disk: `fill` writes the disjoint byte ranges `parts` (it is given the whole buffer), and
     /// every other byte is zeroed. `None` if `fill` fails.
@@ -285,6 +281,10 @@ impl Reader {
         fill(bytes).then_some(AlignedBuf(buf))
     }
 
+    /// Starts reading `plan` (made for expert `expert` of layer `layer`, with `O_DIRECT` if
+    /// `direct`): allocates the buffer and splits the extents into chunks of at most `chunk`
+    /// bytes (a multiple of [`DIRECT_ALIGN`]). Panics if an extent lies outside the buffer or
+    /// names no file (a layout bug).
     pub fn start(&self, plan: ReadPlan, layer: usize, expert: usize, direct: bool, chunk: usize) -> PendingRead {
         assert!(chunk > 0 && chunk.is_multiple_of(DIRECT_ALIGN), "chunk size {chunk}");
         let mut chunks = Vec::new();
