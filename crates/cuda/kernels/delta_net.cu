@@ -76,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
                   int stride, const float* __restrict__ a_log, const float* __restrict__ dt_bias,
                   float* __restrict__ ssm, float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim,
                   int v_dim, int tokens) {
-    grid_start();
+    grid_release();
     extern __shared__ float smem[];
     float* qs = smem;         // k_dim
     float* ks = smem + k_dim;  // k_dim
@@ -97,6 +97,11 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     }
     const float neg_a = -expf(a_log[h]);
     const float bias = dt_bias[h];
+    // The state (4 MB a layer for Qwen3.5-397B) and the weights above are loaded before waiting
+    // for the kernels ahead: none of them writes them. The state's last writer is this layer's
+    // own kernel of the previous forward call, which the host waited for (every call reads its
+    // logits back).
+    grid_wait();
     for (int t = 0; t < tokens; t++) {
         const float* row = mixed + (u64)t * channels;
         __syncthreads();

@@ -10,7 +10,7 @@ use moe_core::shapes::{AttentionShape, DeltaNetShape};
 use moe_core::{DType, Matrix, WeightFormat};
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Every kernel the module must export.
 pub(crate) const KERNELS: &[&str] = &[
@@ -59,6 +59,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "scatter_add",
     "attn_append_kv",
     "attn_decode",
+    "attn_combine",
     "dn_conv",
     "dn_qk_norm",
     "dn_recurrence",
@@ -96,13 +97,22 @@ pub const MOE_MAX_TOKENS: usize = 65535;
 /// thousand rows ran as fast or slower (4096 x 8192: 21.8 us against 17.2), and so did the fused
 /// expert kernels: with few waves of blocks, each block's wait for its copies shows.
 pub const BULK_MIN_ROWS: usize = 65536;
+/// The most values [`Gpu::download`] copies through its page-locked staging (64 MiB); more go
+/// straight to pageable memory.
+const STAGING_MAX_VALUES: usize = 16 << 20;
 /// The most shared memory a bulk-copy launch takes: the default limit of a block, which needs no
 /// opt-in attribute.
 const BULK_MAX_BYTES: usize = 48 * 1024;
 const TILE: u32 = 64;
 /// Limits of the attention and DeltaNet kernels (register arrays, shared memory).
 const ATTN_MAX_HEAD_DIM: usize = 512;
-const ATTN_THREADS: u32 = 128;
+/// `attn_decode`'s warps per block, and the positions they take in one round (attention.cu).
+const ATTN_WARPS: u32 = 8;
+const ATTN_ROUND: usize = 64;
+/// Positions per block of one query's attention, about; and the most blocks it is split into
+/// (their partial results take `heads x splits x (head_dim + 2)` values of scratch).
+const ATTN_SPLIT_POSITIONS: usize = 128;
+const ATTN_MAX_SPLITS: usize = 128;
 const DN_MAX_KERNEL: usize = 8;
 /// The DeltaNet recurrence's warps per block, and the rows of the state each covers at most.
 const DN_SLICES: u32 = 8;
@@ -220,6 +230,8 @@ pub struct Gpu {
     bulk_copies: bool,
     /// The most dynamic shared memory a `dn_chunk` block may take (0: that kernel is off).
     dn_chunk_smem: usize,
+    /// Page-locked memory that [`download`](Self::download) copies through (grown on demand).
+    staging: Mutex<Option<PinnedHostSlice<f32>>>,
 }
 
 /// Lets `f` take all the shared memory a block may opt in to, and says how much of it is left for
@@ -334,7 +346,8 @@ impl Gpu {
         let bulk_copies = capability.0 >= 9 && env_on("FLASH_MOE_BULK");
         // FLASH_MOE_DN_CHUNK=0 runs every DeltaNet prefill token by token.
         let dn_chunk_smem = if env_on("FLASH_MOE_DN_CHUNK") { opt_in_shared(&ctx, &functions["dn_chunk"])? } else { 0 };
-        Ok(Gpu { ctx, stream, functions, dummy, name, capability, early_launch, bulk_copies, dn_chunk_smem })
+        let staging = Mutex::new(None);
+        Ok(Gpu { ctx, stream, functions, dummy, name, capability, early_launch, bulk_copies, dn_chunk_smem, staging })
     }
 
     /// The same device and kernels on a second stream, for work that can run beside this one's:
@@ -353,6 +366,7 @@ impl Gpu {
             early_launch: self.early_launch,
             bulk_copies: self.bulk_copies,
             dn_chunk_smem: self.dn_chunk_smem,
+            staging: Mutex::new(None),
         })
     }
 
@@ -484,9 +498,28 @@ impl Gpu {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let v = self.stream.clone_dtoh(&t.slice(0..len)).what("copying to the host")?;
+        if len > STAGING_MAX_VALUES {
+            let v = self.stream.clone_dtoh(&t.slice(0..len)).what("copying to the host")?;
+            self.synchronize()?;
+            return Ok(v);
+        }
+        // Through page-locked memory of our own: one DMA (21 us for a step's 1 MB of logits on an
+        // H200), where a copy into pageable memory goes through the driver's staging in pieces.
+        let mut staging = self.staging.lock().unwrap();
+        if staging.as_ref().is_none_or(|s| s.len() < len) {
+            // SAFETY: f32 accepts any bits; only values the copy below writes are read.
+            *staging =
+                Some(unsafe { self.ctx.alloc_pinned(len.next_power_of_two()) }.what("allocating pinned memory")?);
+        }
+        let host = staging.as_mut().expect("allocated above").as_mut_slice().what("writing pinned memory")?;
+        let (src, _sync) = t.device_ptr(&self.stream);
+        // SAFETY: `host` holds at least `len` values and `t` at least `len` (asserted); the
+        // copy has finished when `synchronize` returns. A raw copy: cudarc's copies the whole
+        // destination, which may be larger than `t`.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host[..len], src, self.stream.cu_stream()) }
+            .what("copying to the host")?;
         self.synchronize()?;
-        Ok(v)
+        Ok(host[..len].to_vec())
     }
 
     /// A new buffer of `len` zeros starting with the first `keep` values of `t`.
@@ -717,9 +750,14 @@ impl Gpu {
             return Ok(());
         }
         let hd = p.head_dim;
-        if hd > ATTN_MAX_HEAD_DIM || hd == 0 || p.kv_heads == 0 || !p.heads.is_multiple_of(p.kv_heads) {
+        if hd > ATTN_MAX_HEAD_DIM
+            || hd == 0
+            || !hd.is_multiple_of(4)
+            || p.kv_heads == 0
+            || !p.heads.is_multiple_of(p.kv_heads)
+        {
             return Err(Error::Unsupported(format!(
-                "attention with head_dim {hd} (at most {ATTN_MAX_HEAD_DIM}), {} heads, {} kv heads",
+                "attention with head_dim {hd} (at most {ATTN_MAX_HEAD_DIM}, a multiple of 4), {} heads, {} kv heads",
                 p.heads, p.kv_heads
             )));
         }
@@ -740,26 +778,49 @@ impl Gpu {
         let (theta, offset, eps) = (p.rope_theta, p.norm_offset, p.eps);
         let threads = (hd.next_power_of_two() as u32).clamp(32, 256);
         let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, p.kv_heads as u32, 1),
+            grid_dim: (tokens as u32, (p.kv_heads + p.heads) as u32, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: (hd * 4) as u32,
         };
+        let mut qr = self.uninit(tokens * p.heads * hd)?;
         let mut b = self.launch(self.f("attn_append_kv"));
-        b.arg(k).arg(v).arg(k_norm).arg(&mut *k_cache).arg(&mut *v_cache);
-        b.arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(past_on_device);
+        b.arg(q).arg(k).arg(v).arg(q_norm).arg(k_norm).arg(&mut qr).arg(&mut *k_cache).arg(&mut *v_cache);
+        b.arg(&heads).arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(&gated);
+        b.arg(past_on_device);
         unsafe { b.launch(cfg) }.what("launching attn_append_kv")?;
 
-        let warps = (ATTN_THREADS / 32) as usize;
+        // One query splits its positions over blocks (by the cache's capacity, which a recorded
+        // step keeps, not by the position, which a replay changes); several tokens keep one block
+        // each, for a bounded scratch.
+        let capacity = k_cache.len() / kvw;
+        let splits = if tokens == 1 { capacity.div_ceil(ATTN_SPLIT_POSITIONS).clamp(1, ATTN_MAX_SPLITS) } else { 1 };
+        let span = capacity.div_ceil(splits).next_multiple_of(ATTN_ROUND);
+        let splits = capacity.div_ceil(span).max(1);
+        let mut part = if splits > 1 { Some(self.uninit(tokens * p.heads * splits * (hd + 2))?) } else { None };
+        let (span_i, splits_i) = (i32_of(span, "span"), splits as i32);
         let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, p.heads as u32, 1),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: ((2 + warps) * hd * 4) as u32,
+            grid_dim: (tokens as u32, p.heads as u32, splits as u32),
+            block_dim: (ATTN_WARPS * 32, 1, 1),
+            shared_mem_bytes: ((1 + ATTN_WARPS as usize) * hd * 4) as u32,
         };
         let mut b = self.launch(self.f("attn_decode"));
-        b.arg(q).arg(q_norm).arg(&*k_cache).arg(&*v_cache).arg(out);
-        b.arg(&heads).arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(past_on_device);
-        b.arg(&gated);
+        b.arg(&qr).arg(q).arg(&*k_cache).arg(&*v_cache).arg(&mut *out);
+        match &mut part {
+            Some(part) => b.arg(part),
+            None => b.arg(&mut qr),
+        };
+        b.arg(&heads).arg(&kv_heads).arg(&hd_i).arg(past_on_device).arg(&gated).arg(&span_i);
         unsafe { b.launch(cfg) }.what("launching attn_decode")?;
+        if let Some(part) = &part {
+            let cfg = LaunchConfig {
+                grid_dim: (tokens as u32, p.heads as u32, 1),
+                block_dim: (threads.min(128), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.launch(self.f("attn_combine"));
+            b.arg(part).arg(q).arg(out).arg(&heads).arg(&hd_i).arg(&splits_i).arg(&gated);
+            unsafe { b.launch(cfg) }.what("launching attn_combine")?;
+        }
         Ok(())
     }
 

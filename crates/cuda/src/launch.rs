@@ -16,7 +16,7 @@ use cudarc::driver::{
 use std::ffi::c_void;
 
 /// The most arguments a kernel takes.
-const MAX_ARGS: usize = 16;
+const MAX_ARGS: usize = 20;
 
 /// The arguments of one launch: scalars by reference, device buffers by address.
 pub(crate) struct Launch<'a> {

@@ -291,24 +291,29 @@ impl CudaBackend {
         f(&tables.layers[&layer]).map(Some)
     }
 
-    /// Queues one token's experts chosen on the device (`ids`, `weights`) through the layer's
-    /// address table ([`with_table`](Self::with_table)), the shared expert on the side stream
-    /// beside them. False, having queued nothing, without a table.
+    /// Queues one token's experts chosen on the device (`route` queues the top-k into `ids`,
+    /// `weights`) through the layer's address table ([`with_table`](Self::with_table)), the
+    /// shared expert on the side stream beside them. False, having queued nothing, without a
+    /// table.
     #[allow(clippy::too_many_arguments)]
     fn table_experts(
         &self,
         layer: usize,
         (experts, k): (usize, usize),
-        r: &RouteBuffers,
+        r: &mut RouteBuffers,
+        route: &dyn Fn(&mut RouteBuffers) -> moe_cuda::Result<()>,
         x: &CudaSlice<f32>,
         host: Option<&dyn ExpertSource>,
         shared: &dyn Fn(&mut CudaSlice<f32>),
         acc: &mut CudaSlice<f32>,
     ) -> Result<bool> {
         let queued = self.with_table(layer, experts, host, |t| {
-            // The shared expert on the side stream, beside the routed experts' gate and up
-            // launch; their down launch joins it (both add to `acc`).
+            // The shared expert on the side stream from before the top-k on, so that it has
+            // finished by the end of the routed experts' gate and up launch, whose SMs it shares
+            // (forked after the top-k, it started at that launch's tail and held the down launch,
+            // which joins it, 8-9 us per layer); both add to `acc`.
             self.beside(|| shared(acc))?;
+            route(r)?;
             self.with_hidden(k * t.shape.inter, |h| {
                 let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
                 self.gpu.moe_token(&t.shape, experts, 1, x, &r.weights, false, h, Some(&self.side), acc)
@@ -780,12 +785,15 @@ impl Backend for CudaBackend {
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
         }
         let r = routes.as_mut().unwrap();
-        self.gpu.route_topk(&logits.slice(..), 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)?;
+        let route = |r: &mut RouteBuffers| {
+            self.gpu.route_topk(&logits.slice(..), 1, experts, k, routing.norm_topk, &mut r.ids, &mut r.weights)
+        };
         if let Some(host) = resident
-            && self.table_experts(layer, (experts, k), r, x, host, shared, acc)?
+            && self.table_experts(layer, (experts, k), r, &route, x, host, shared, acc)?
         {
             return Ok(Some(k));
         }
+        route(r)?;
 
         if self.recording() {
             return Err(NotRecordable.into());

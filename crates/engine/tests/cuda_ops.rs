@@ -181,14 +181,14 @@ fn cuda_rms_norm_add() {
     assert_eq!(g.read(&ag, 1001), ac, "add");
 }
 
-/// Runs the same attention calls (chunks of new tokens) on both backends and compares the
-/// outputs and the caches after each call.
-fn attention_case(g: &CudaBackend, s: AttentionShape, chunks: &[usize], seed: u64) {
+/// Runs the same attention calls (chunks of new tokens) on both backends, with caches of `spare`
+/// positions more than they take, and compares the outputs and the caches after each call.
+fn attention_case(g: &CudaBackend, s: AttentionShape, chunks: &[usize], spare: usize, seed: u64) {
     let cpu = CpuBackend;
     let mut rng = Rng(seed);
     let total: usize = chunks.iter().sum();
     let (qw, kvw, ow) = (s.q_width(), s.kv_width(), s.out_width());
-    let cap = total + 3;
+    let cap = total + spare;
     let (qn, kn) = (rng.vec(s.head_dim, 0.3), rng.vec(s.head_dim, 0.3));
     let mut cc = KvCache::<CpuBackend> { k: cpu.zeros(cap * kvw), v: cpu.zeros(cap * kvw), capacity: cap };
     let mut cg = KvCache::<CudaBackend> { k: g.zeros(cap * kvw), v: g.zeros(cap * kvw), capacity: cap };
@@ -225,11 +225,16 @@ fn cuda_attention() {
         eps: 1e-6,
     };
     // The fixtures' shapes: Qwen3.5 (gated, partial rotary, 1 + w norms) and Qwen3 (plain).
-    attention_case(&g, shape(4, 2, 32, 8, true, 1.0), &[5, 1, 1, 4, 1], 10);
-    attention_case(&g, shape(4, 2, 16, 16, false, 0.0), &[7, 1, 3], 11);
-    // Real head sizes, a long prefill that spreads positions over all warps, then decode.
-    attention_case(&g, shape(16, 2, 256, 64, true, 1.0), &[150, 1, 1], 12);
-    attention_case(&g, shape(8, 4, 128, 128, false, 0.0), &[300, 2], 13);
+    attention_case(&g, shape(4, 2, 32, 8, true, 1.0), &[5, 1, 1, 4, 1], 3, 10);
+    attention_case(&g, shape(4, 2, 16, 16, false, 0.0), &[7, 1, 3], 3, 11);
+    // Real head sizes, a long prefill that spreads positions over all warps, then decode split
+    // over blocks (the last one partly filled).
+    attention_case(&g, shape(16, 2, 256, 64, true, 1.0), &[150, 1, 1], 3, 12);
+    attention_case(&g, shape(8, 4, 128, 128, false, 0.0), &[300, 2], 3, 13);
+    // Decode in a cache far larger than the context (blocks with no position, whose partial
+    // results must not count), and the largest head.
+    attention_case(&g, shape(16, 2, 256, 64, true, 1.0), &[600, 1, 1], 1500, 14);
+    attention_case(&g, shape(4, 1, 512, 128, true, 1.0), &[70, 1, 1], 200, 15);
 }
 
 fn delta_case(g: &CudaBackend, s: DeltaNetShape, chunks: &[usize], seed: u64) {
