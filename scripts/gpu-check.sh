@@ -16,7 +16,9 @@
 #                                    # without early launches (FLASH_MOE_EARLY_LAUNCH=0), 1b
 #                                    # without bulk copies (FLASH_MOE_BULK=0); p,
 #                                    # not in the default, profiles run 1's kernels with ncu at
-#                                    # the clocks and caches of a normal run)
+#                                    # the clocks and caches of a normal run; t, not in the
+#                                    # default, records run 1's device timeline with
+#                                    # scripts/ktrace)
 #   GPU_CHECK_TESTS=0 scripts/gpu-check.sh --bench L
 #                                    # the benchmarks only
 #   GPU_CHECK_BASELINE=.carry/base scripts/gpu-check.sh --bench L
@@ -142,6 +144,20 @@ bench() {
             "$bin" bench "${common[@]}" --device cuda --vram-budget auto --ram-budget 0 --no-direct-io \
             --prompt-tokens 1 --tokens 3 --no-graphs
         python3 "$root/scripts/ncu-summary.py" "$csv" 4 | tee -a "$blog"
+    fi
+    # t. Run 1's device timeline (kernels, copies) under CUPTI (scripts/ktrace; build it with
+    #    scripts/ktrace/build.sh and carry .carry/ktrace), with graphs and without: the traces go
+    #    to $OUT/ktrace-{graphs,direct}.csv and a summary of each to the log.
+    if wanted t; then
+        local tracer="$root/.carry/ktrace/libktrace.so" mode
+        for mode in graphs direct; do
+            local flags=()
+            [[ "$mode" == direct ]] && flags=(--no-graphs)
+            local csv="${OUT:-/tmp}/ktrace-$mode.csv"
+            step 150 env CUDA_INJECTION64_PATH="$tracer" KTRACE="$csv" "$bin" bench "${common[@]}" --device cuda \
+                --vram-budget auto --ram-budget 0 --no-direct-io --prompt-tokens 16 --tokens 12 "${flags[@]}"
+            python3 "$root/scripts/ktrace/timeline.py" "$csv" | tee -a "$blog"
+        done
     fi
     # 2. No VRAM tier: every expert copied from the RAM tier (pinned memory, warmed with every
     #    expert first) by the copy engine at each use.
