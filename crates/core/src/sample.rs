@@ -15,6 +15,8 @@
 //! The caller decides the window: pass the generated tokens (OpenAI) or the last N tokens of the
 //! context (llama.cpp's `penalty_last_n`).
 
+use std::collections::BinaryHeap;
+
 /// Sampling settings. The default is greedy decoding with every filter and penalty off.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -105,25 +107,126 @@ impl Rng {
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+
+    /// An index drawn with probability `weights[i] / total` (`total` their sum): the first whose
+    /// running sum passes a uniform draw, else the last with a positive weight (rounding); `None`
+    /// where no weight is positive.
+    fn draw(&mut self, weights: &[f64], total: f64) -> Option<usize> {
+        let mut u = self.next_f64() * total;
+        let mut last = None;
+        for (i, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                last = Some(i);
+                if u < w {
+                    return Some(i);
+                }
+                u -= w;
+            }
+        }
+        last
+    }
 }
 
 /// Index of the largest logit; ties go to the lowest id, NaNs are ignored. Returns 0 for an empty
 /// slice or one with no comparable value.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    let mut found = false;
-    for (i, &v) in logits.iter().enumerate() {
-        if v.is_nan() {
-            continue;
-        }
-        if !found || v > best_v {
-            best = i;
-            best_v = v;
-            found = true;
+    // The largest value (`f32::max` passes over NaNs), then its first position: two passes that
+    // vectorise, where one with a branch per value took 1.4 ms for a vocabulary of 248320.
+    let max = lane_max(logits);
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
+}
+
+/// The largest value, NaNs ignored (`-inf` for none), over eight independent lanes so that the
+/// compiler vectorises it.
+fn lane_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = values.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v);
         }
     }
-    best as u32
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// A candidate in sampling order: `Less` is more likely (a higher logit, then a lower id), so
+/// that a `BinaryHeap` of them has the least likely on top.
+#[derive(Clone, Copy, Debug)]
+struct Ranked(u32, f32);
+
+impl Ord for Ranked {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.1.total_cmp(&self.1).then(self.0.cmp(&o.0))
+    }
+}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o).is_eq()
+    }
+}
+
+impl Eq for Ranked {}
+
+/// The `k` most likely of the finite logits, in no order: one pass keeping the best `k` in a heap,
+/// where most logits are turned away by one comparison with the worst kept (O(n) in practice,
+/// against a selection over all of them).
+fn select_top_k(logits: &[f32], k: usize, heap: &mut BinaryHeap<Ranked>, out: &mut Vec<(u32, f32)>) {
+    heap.clear();
+    // The logit of the worst kept once `k` are kept: later ids lose ties, so only a strictly
+    // higher logit displaces it.
+    let mut worst = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        if l <= worst {
+            continue;
+        }
+        if heap.len() < k {
+            heap.push(Ranked(i as u32, l));
+            if heap.len() < k {
+                continue;
+            }
+        } else if let Some(mut top) = heap.peek_mut() {
+            *top = Ranked(i as u32, l);
+        }
+        worst = heap.peek().map_or(f32::NEG_INFINITY, |r| r.1);
+    }
+    out.extend(heap.drain().map(|Ranked(i, l)| (i, l)));
+}
+
+/// The mass of all the tokens (summed in id order) and a logit below which none matters to a
+/// top-p cut at `top_p` of it: the tokens above it hold at least that much (with a margin for the
+/// order of summation), so the ranked prefix whose running mass reaches it lies above (`-inf`
+/// where no such logit was found). The floor comes from a histogram of the masses in bins of 1/8
+/// logit below the maximum, filled in the same pass.
+fn mass_and_top_p_floor(logits: &[f32], max: f32, top_p: f64) -> (f64, f32) {
+    const PER_UNIT: f32 = 8.0;
+    const BINS: usize = 512;
+    let mut bins = [0f64; BINS];
+    let mut total = 0.0;
+    for &l in logits {
+        let w = ((l - max) as f64).exp();
+        total += w;
+        let b = ((max - l) * PER_UNIT) as usize;
+        if b < BINS {
+            bins[b] += w;
+        }
+    }
+    let need = top_p * total * (1.0 + 1e-9);
+    let mut mass = 0.0;
+    for (b, m) in bins.iter().enumerate() {
+        mass += m;
+        if mass >= need {
+            // One bin lower than needed: the rounding of the bin index is not the comparison's.
+            return (total, max - (b + 2) as f32 / PER_UNIT);
+        }
+    }
+    (total, f32::NEG_INFINITY)
 }
 
 /// Applies the repetition / presence / frequency penalties of `params` in place. Ids in `history`
@@ -165,12 +268,14 @@ pub struct Sampler {
     rng: Rng,
     counts: Vec<u32>,
     cand: Vec<(u32, f32)>,
+    weights: Vec<f64>,
+    heap: BinaryHeap<Ranked>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = Rng::new(params.seed);
-        Self { params, rng, counts: Vec::new(), cand: Vec::new() }
+        Self { params, rng, counts: Vec::new(), cand: Vec::new(), weights: Vec::new(), heap: BinaryHeap::new() }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -185,6 +290,10 @@ impl Sampler {
 
     /// Picks the next token. `logits` (one per vocabulary id) is modified in place: penalties and
     /// temperature are applied to it. `history` holds the tokens the penalties look at.
+    ///
+    /// A vocabulary of 248320 (Qwen3.5) is walked a few times at most: nothing sorts more than
+    /// the tokens a filter can keep (a full sort for top-p alone took 30 ms a token, ten times a
+    /// decode step on the GPU).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
         apply_penalties_with(logits, history, p, &mut self.counts);
@@ -192,62 +301,54 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / p.temperature;
-        let mut max = f32::NEG_INFINITY;
         for l in logits.iter_mut() {
             *l = if l.is_nan() { f32::NEG_INFINITY } else { *l * inv_t };
-            max = max.max(*l);
         }
-        if max == f32::NEG_INFINITY {
-            // Everything masked (or NaN): nothing to draw from.
-            return argmax(logits);
-        }
+        let max = lane_max(logits);
         if !max.is_finite() {
-            // +inf logits: pick among them like greedy would.
+            // Everything masked (or NaN): nothing to draw from; +inf logits: pick among them like
+            // greedy would.
             return argmax(logits);
-        }
-
-        let filtering = (p.top_k > 0 && p.top_k < logits.len()) || p.top_p < 1.0 || p.min_p > 0.0;
-        if !filtering {
-            // Plain softmax draw in id order, no sorting needed.
-            let total: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-            let mut u = self.rng.next_f64() * total;
-            let mut last = 0u32;
-            for (i, &l) in logits.iter().enumerate() {
-                let w = ((l - max) as f64).exp();
-                if w > 0.0 {
-                    last = i as u32;
-                    if u < w {
-                        return i as u32;
-                    }
-                    u -= w;
-                }
-            }
-            return last;
-        }
-
-        let cand = &mut self.cand;
-        cand.clear();
-        cand.extend(logits.iter().enumerate().filter(|&(_, &l)| l > f32::NEG_INFINITY).map(|(i, &l)| (i as u32, l)));
-        // Descending logit, ascending id on ties.
-        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, order);
-            cand.truncate(p.top_k);
         }
         let weight = |l: f32| ((l - max) as f64).exp();
-        // top-p is relative to the mass of the top-k survivors.
-        let kept_mass: f64 = cand.iter().map(|&(_, l)| weight(l)).sum();
-        // min-p keeps tokens with exp(l - max) >= min_p: a suffix of the ranking goes, so dropping it
-        // before the sort (fewer to sort) does not change the top-p prefix sums of the others.
-        if p.min_p > 0.0 {
-            let min_logit = max + p.min_p.min(1.0).ln();
-            cand.retain(|&(_, l)| l >= min_logit);
-        }
-        cand.sort_unstable_by(order);
+        let weights = &mut self.weights;
+        weights.clear();
 
-        let mut weights: Vec<f64> = cand.iter().map(|&(_, l)| weight(l)).collect();
+        let top_k = p.top_k > 0 && p.top_k < logits.len();
+        if !top_k && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Plain softmax draw in id order, no ranking needed.
+            weights.extend(logits.iter().map(|&l| weight(l)));
+            let total: f64 = weights.iter().sum();
+            return self.rng.draw(weights, total).map_or(0, |i| i as u32);
+        }
+
+        // The candidates: the top-k, or every token above what the top-p and min-p cuts can keep.
+        // min-p keeps tokens with exp(l - max) >= min_p: a suffix of the ranking goes, so dropping
+        // it before the ranking does not change the top-p prefix sums of the others.
+        let cand = &mut self.cand;
+        cand.clear();
+        let min_p_floor = if p.min_p > 0.0 { max + p.min_p.min(1.0).ln() } else { f32::NEG_INFINITY };
+        let top_p = p.top_p.max(0.0) as f64;
+        // top-p is relative to the mass of the top-k survivors (summed in id order).
+        let kept_mass = if top_k {
+            select_top_k(logits, p.top_k, &mut self.heap, cand);
+            cand.sort_unstable_by_key(|&(i, _)| i);
+            let mass = cand.iter().map(|&(_, l)| weight(l)).sum();
+            cand.retain(|&(_, l)| l >= min_p_floor);
+            mass
+        } else {
+            let (mass, top_p_floor) =
+                if p.top_p < 1.0 { mass_and_top_p_floor(logits, max, top_p) } else { (0.0, f32::NEG_INFINITY) };
+            let floor = min_p_floor.max(top_p_floor);
+            let kept = logits.iter().enumerate().filter(|&(_, &l)| l > f32::NEG_INFINITY && l >= floor);
+            cand.extend(kept.map(|(i, &l)| (i as u32, l)));
+            mass
+        };
+        let target = top_p * kept_mass;
+        cand.sort_unstable_by_key(|&(i, l)| Ranked(i, l));
+
+        weights.extend(cand.iter().map(|&(_, l)| weight(l)));
         if p.top_p < 1.0 {
-            let target = p.top_p.max(0.0) as f64 * kept_mass;
             let mut cum = 0.0;
             let mut keep = weights.len();
             for (i, &w) in weights.iter().enumerate() {
@@ -260,14 +361,8 @@ impl Sampler {
             weights.truncate(keep.max(1));
         }
         let total: f64 = weights.iter().sum();
-        let mut u = self.rng.next_f64() * total;
-        for (i, &w) in weights.iter().enumerate() {
-            if u < w {
-                return cand[i].0;
-            }
-            u -= w;
-        }
-        cand[weights.len() - 1].0
+        let i = self.rng.draw(weights, total).unwrap_or(weights.len() - 1);
+        cand[i].0
     }
 }
 
@@ -291,6 +386,93 @@ mod tests {
         let w: Vec<f64> = ids.iter().map(|&i| (logits[i as usize] as f64 / temperature as f64 - max).exp()).collect();
         let s: f64 = w.iter().sum();
         (ids, w.into_iter().map(|x| x / s).collect())
+    }
+
+    /// The sampler as first written (a plain loop for the argmax, every finite token ranked by a
+    /// full sort), with the top-k mass summed in id order: what `Sampler::sample` must equal.
+    fn reference_sample(p: &SamplingParams, rng: &mut Rng, logits: &mut [f32], history: &[u32]) -> u32 {
+        let argmax = |logits: &[f32]| {
+            let (mut best, mut best_v, mut found) = (0usize, f32::NEG_INFINITY, false);
+            for (i, &v) in logits.iter().enumerate() {
+                if !v.is_nan() && (!found || v > best_v) {
+                    (best, best_v, found) = (i, v, true);
+                }
+            }
+            best as u32
+        };
+        apply_penalties(logits, history, p);
+        if p.is_greedy() {
+            return argmax(logits);
+        }
+        let mut max = f32::NEG_INFINITY;
+        for l in logits.iter_mut() {
+            *l = if l.is_nan() { f32::NEG_INFINITY } else { *l * (1.0 / p.temperature) };
+            max = max.max(*l);
+        }
+        if !max.is_finite() {
+            return argmax(logits);
+        }
+        let weight = |l: f32| ((l - max) as f64).exp();
+        if !((p.top_k > 0 && p.top_k < logits.len()) || p.top_p < 1.0 || p.min_p > 0.0) {
+            let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+            let mut u = rng.next_f64() * total;
+            let mut last = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                let w = weight(l);
+                if w > 0.0 {
+                    last = i as u32;
+                    if u < w {
+                        return i as u32;
+                    }
+                    u -= w;
+                }
+            }
+            return last;
+        }
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|&(_, &l)| l > f32::NEG_INFINITY).map(|(i, &l)| (i as u32, l)).collect();
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.sort_by(order);
+            cand.truncate(p.top_k);
+            cand.sort_by_key(|&(i, _)| i);
+        }
+        let kept_mass: f64 = cand.iter().map(|&(_, l)| weight(l)).sum();
+        if p.min_p > 0.0 {
+            let min_logit = max + p.min_p.min(1.0).ln();
+            cand.retain(|&(_, l)| l >= min_logit);
+        }
+        cand.sort_by(order);
+        let mut weights: Vec<f64> = cand.iter().map(|&(_, l)| weight(l)).collect();
+        if p.top_p < 1.0 {
+            let target = p.top_p.max(0.0) as f64 * kept_mass;
+            let mut cum = 0.0;
+            let keep = weights.iter().position(|&w| {
+                cum += w;
+                cum >= target
+            });
+            weights.truncate(keep.map_or(weights.len(), |i| i + 1));
+        }
+        let total: f64 = weights.iter().sum();
+        let mut u = rng.next_f64() * total;
+        for (i, &w) in weights.iter().enumerate() {
+            if u < w {
+                return cand[i].0;
+            }
+            u -= w;
+        }
+        cand[weights.len() - 1].0
+    }
+
+    /// Logits of a large vocabulary: a few levels (ties), a spread, masked and NaN entries.
+    fn vocabulary_logits() -> impl Strategy<Value = Vec<f32>> {
+        let value = prop_oneof![
+            6 => -8.0f32..8.0,
+            2 => prop::sample::select(vec![-1.0f32, 0.0, 2.5, 4.0]),
+            1 => Just(f32::NEG_INFINITY),
+            1 => Just(f32::NAN),
+        ];
+        prop::collection::vec(value, 1..4000)
     }
 
     #[test]
@@ -430,6 +612,26 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn sample_equals_the_reference(
+            logits in vocabulary_logits(),
+            t in prop::sample::select(vec![0.0f32, 0.3, 0.7, 1.0, 2.5]),
+            top_k in prop::sample::select(vec![0usize, 1, 5, 20, 300, 5000]),
+            top_p in prop::sample::select(vec![1.0f32, 0.0, 0.5, 0.9, 0.99]),
+            min_p in prop::sample::select(vec![0.0f32, 0.05, 0.5]),
+            repetition_penalty in prop::sample::select(vec![1.0f32, 1.3]),
+            history in prop::collection::vec(0u32..4000, 0..20),
+            seed in any::<u64>(),
+        ) {
+            let p = SamplingParams { temperature: t, top_k, top_p, min_p, repetition_penalty, seed, ..Default::default() };
+            let mut s = Sampler::new(p.clone());
+            let mut rng = Rng::new(seed);
+            for _ in 0..4 {
+                let got = s.sample(&mut logits.clone(), &history);
+                prop_assert_eq!(got, reference_sample(&p, &mut rng, &mut logits.clone(), &history));
+            }
+        }
+
         #[test]
         fn greedy_is_argmax(logits in prop::collection::vec(-50.0f32..50.0, 1..300), seed in any::<u64>()) {
             let mut s = Sampler::new(SamplingParams { seed, ..Default::default() });
