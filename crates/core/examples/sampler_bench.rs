@@ -32,9 +32,22 @@ fn main() {
             "T 0.7, top-p 0.9, repetition 1.1",
             SamplingParams { temperature: 0.7, top_p: 0.9, repetition_penalty: 1.1, ..Default::default() },
         ),
+        // The defaults of `generate` and `chat`.
+        (
+            "CLI defaults (T 0.7, k 40, p 0.95, min-p 0.05, rep 1.1)",
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.05,
+                repetition_penalty: 1.1,
+                ..Default::default()
+            },
+        ),
     ];
-    let history: Vec<u32> = (0..256).map(|i| (i * 977) % VOCAB as u32).collect();
-    println!("{:36} {:>12} {:>12}", "settings", "flat (us)", "peaked (us)");
+    // A conversation's worth of history for the penalties.
+    let history: Vec<u32> = (0..2048).map(|i| (i * 977) % VOCAB as u32).collect();
+    println!("{:56} {:>12} {:>12}", "settings", "flat (us)", "peaked (us)");
     for (name, params) in settings {
         let mut times = [0.0; 2];
         for (t, logits) in times.iter_mut().zip([&flat, &peaked]) {
@@ -49,6 +62,6 @@ fn main() {
             }
             *t = elapsed * 1e6 / ROUNDS as f64;
         }
-        println!("{name:36} {:12.1} {:12.1}", times[0], times[1]);
+        println!("{name:56} {:12.1} {:12.1}", times[0], times[1]);
     }
 }
