@@ -230,29 +230,32 @@ fn mass_and_top_p_floor(logits: &[f32], max: f32, top_p: f64) -> (f64, f32) {
 }
 
 /// Applies the repetition / presence / frequency penalties of `params` in place. Ids in `history`
-/// outside `logits` are ignored. `counts` is scratch space (cleared and reused).
+/// outside `logits` are ignored. `counts` is scratch: a count per vocabulary id, all zero between
+/// calls. Counting in it costs O(history), where sorting the history took a long conversation a
+/// millisecond a token.
 fn apply_penalties_with(logits: &mut [f32], history: &[u32], params: &SamplingParams, counts: &mut Vec<u32>) {
     if !params.has_penalties() || history.is_empty() {
         return;
     }
-    counts.clear();
-    counts.extend(history.iter().copied().filter(|&t| (t as usize) < logits.len()));
-    counts.sort_unstable();
-    let mut i = 0;
-    while i < counts.len() {
-        let tok = counts[i];
-        let mut j = i;
-        while j < counts.len() && counts[j] == tok {
-            j += 1;
+    counts.resize(logits.len(), 0);
+    for &t in history {
+        if let Some(c) = counts.get_mut(t as usize) {
+            *c += 1;
         }
-        let n = (j - i) as f32;
-        let l = &mut logits[tok as usize];
+    }
+    // Each seen token once, at its first occurrence: its count taken and reset to zero.
+    for &t in history {
+        let Some(c) = counts.get_mut(t as usize) else { continue };
+        let n = std::mem::take(c);
+        if n == 0 {
+            continue;
+        }
+        let l = &mut logits[t as usize];
         let rp = params.repetition_penalty;
         if rp != 1.0 {
             *l = if *l > 0.0 { *l / rp } else { *l * rp };
         }
-        *l -= n * params.frequency_penalty + params.presence_penalty;
-        i = j;
+        *l -= n as f32 * params.frequency_penalty + params.presence_penalty;
     }
 }
 
@@ -629,6 +632,37 @@ mod tests {
             for _ in 0..4 {
                 let got = s.sample(&mut logits.clone(), &history);
                 prop_assert_eq!(got, reference_sample(&p, &mut rng, &mut logits.clone(), &history));
+            }
+        }
+
+        #[test]
+        fn penalties_equal_the_sorted_count(
+            logits in prop::collection::vec(-5.0f32..5.0, 1..300),
+            history in prop::collection::vec(0u32..400, 0..200),
+            repetition_penalty in prop::sample::select(vec![1.0f32, 1.3, 0.8]),
+            presence_penalty in prop::sample::select(vec![0.0f32, 0.5, -0.2]),
+            frequency_penalty in prop::sample::select(vec![0.0f32, 0.25]),
+        ) {
+            let p = SamplingParams { repetition_penalty, presence_penalty, frequency_penalty, ..Default::default() };
+            // The first version: the history sorted, each run of one id penalised once.
+            let mut want = logits.clone();
+            if p.has_penalties() {
+                let mut seen: Vec<u32> = history.iter().copied().filter(|&t| (t as usize) < want.len()).collect();
+                seen.sort_unstable();
+                for run in seen.chunk_by(|a, b| a == b) {
+                    let l = &mut want[run[0] as usize];
+                    if repetition_penalty != 1.0 {
+                        *l = if *l > 0.0 { *l / repetition_penalty } else { *l * repetition_penalty };
+                    }
+                    *l -= run.len() as f32 * frequency_penalty + presence_penalty;
+                }
+            }
+            let mut counts = Vec::new();
+            for _ in 0..2 {
+                // Twice with the same scratch: it must be all zero again after a call.
+                let mut got = logits.clone();
+                apply_penalties_with(&mut got, &history, &p, &mut counts);
+                prop_assert_eq!(&got, &want);
             }
         }
 
