@@ -57,8 +57,9 @@ extern "C" __global__ void attn_append_kv(const float* __restrict__ q, const flo
     const int pos = (int)*past + t;
     if (h >= kv_heads) {
         const int qh = h - kv_heads;
-        const u64 src = (u64)t * heads * (gated ? 2 * hd : hd) + (u64)qh * (gated ? 2 * hd : hd);
-        norm_rope(q + src, q_norm, offset, eps, hd, rot, theta, pos, smem, red, qr + ((u64)t * heads + qh) * hd);
+        const u64 per_head = gated ? 2 * hd : hd;
+        norm_rope(q + ((u64)t * heads + qh) * per_head, q_norm, offset, eps, hd, rot, theta, pos, smem, red,
+                  qr + ((u64)t * heads + qh) * hd);
         return;
     }
     const int kvw = kv_heads * hd;
@@ -86,6 +87,14 @@ extern "C" __global__ void attn_append_kv(const float* __restrict__ q, const flo
 
 // exp(a - b) for a running maximum b that may still be -inf (no position seen): 0 then.
 __device__ __forceinline__ float exp_from(float a, float b) { return a == NEG_INF ? 0.0f : expf(a - b); }
+
+// Output value e of head `th` (= token * heads + head): the softmax sum `v` over `total`, times
+// the sigmoid of the head's gate (the second half of its `q` row) when `gated`.
+__device__ __forceinline__ float attn_output(float v, float total, const float* q, u64 th, int hd, int e,
+                                             int gated) {
+    v /= total;
+    return gated ? v * sigmoidf_(q[th * 2 * hd + hd + e]) : v;
+}
 
 // The merged softmax state of one query head over a block's positions: its maximum score `m`,
 // the sum `l` of exp(score - m) and the unnormalised output `acc` (hd values, in shared memory).
@@ -204,9 +213,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
         if (splits > 1) {
             pz[2 + e] = v;
         } else {
-            v /= total;
-            if (gated) v *= sigmoidf_(q[t * (u64)heads * 2 * hd + (u64)h * 2 * hd + hd + e]);
-            out[th * hd + e] = v;
+            out[th * hd + e] = attn_output(v, total, q, th, hd, e, gated);
         }
     }
     if (splits > 1 && threadIdx.x == 0) {
@@ -229,8 +236,6 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, const fl
     for (int e = threadIdx.x; e < hd; e += blockDim.x) {
         float v = 0.0f;
         for (int z = 0; z < splits; z++) v += p[z * (hd + 2) + 2 + e] * exp_from(p[z * (hd + 2)], mx);
-        v /= total;
-        if (gated) v *= sigmoidf_(q[t * (u64)heads * 2 * hd + (u64)h * 2 * hd + hd + e]);
-        out[th * hd + e] = v;
+        out[th * hd + e] = attn_output(v, total, q, th, hd, e, gated);
     }
 }

@@ -793,8 +793,9 @@ impl Gpu {
         // step keeps, not by the position, which a replay changes); several tokens keep one block
         // each, for a bounded scratch.
         let capacity = k_cache.len() / kvw;
-        let splits = if tokens == 1 { capacity.div_ceil(ATTN_SPLIT_POSITIONS).clamp(1, ATTN_MAX_SPLITS) } else { 1 };
-        let span = capacity.div_ceil(splits).next_multiple_of(ATTN_ROUND);
+        let blocks = if tokens == 1 { capacity.div_ceil(ATTN_SPLIT_POSITIONS).clamp(1, ATTN_MAX_SPLITS) } else { 1 };
+        // Positions per block, whole rounds of the warps; fewer blocks may then cover the cache.
+        let span = capacity.div_ceil(blocks).next_multiple_of(ATTN_ROUND);
         let splits = capacity.div_ceil(span).max(1);
         let mut part = if splits > 1 { Some(self.uninit(tokens * p.heads * splits * (hd + 2))?) } else { None };
         let (span_i, splits_i) = (i32_of(span, "span"), splits as i32);
