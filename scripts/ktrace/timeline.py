@@ -29,6 +29,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("trace")
     p.add_argument("--step", type=int, default=-3)
+    p.add_argument("--kernels", action="store_true")
     p.add_argument("--names", default=str(Path.home() / ".cache/flash-moe/cupti/nvidia/cu13/include/cupti_driver_cbid.h"))
     a = p.parse_args()
     names = driver_names(a.names)
@@ -40,6 +41,15 @@ def main():
         rows.append((int(r[1]), int(r[2]), r[0], int(r[3]), name))
     rows.sort()
     device = [r for r in rows if r[2] != "d"]
+    if a.kernels:
+        by_name = {}
+        for r in device:
+            if r[2] == "k":
+                by_name.setdefault(r[4], []).append((r[1] - r[0]) / 1e3)
+        print("launches   mean us    min us    max us  kernel")
+        for name, d in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+            print(f"{len(d):8d} {sum(d) / len(d):9.2f} {min(d):9.2f} {max(d):9.2f}  {name[:70]}")
+        return
     starts = [i for i, r in enumerate(device) if r[2] == "k" and r[4].startswith("embed")]
     if len(starts) < 2:
         raise SystemExit("fewer than two steps (embedding kernels) in the trace")

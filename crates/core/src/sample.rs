@@ -285,6 +285,12 @@ impl Sampler {
         &self.params
     }
 
+    /// True when [`sample`](Self::sample) is the argmax of the logits as they come (greedy, no
+    /// penalties), which a backend can find without handing the logits over.
+    pub fn is_argmax(&self) -> bool {
+        self.params.is_greedy() && !self.params.has_penalties()
+    }
+
     /// Restarts the PRNG from `seed` (also stored in the parameters).
     pub fn reseed(&mut self, seed: u64) {
         self.params.seed = seed;

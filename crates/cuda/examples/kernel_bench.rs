@@ -9,7 +9,7 @@
 use moe_core::HostMemory;
 use moe_core::format::f32_to_bf16_bits;
 use moe_core::{Bytes, DType, Matrix, WeightFormat};
-use moe_cuda::{DeviceMatrix, Gpu, MoeExperts, MoeShape, expert_parts};
+use moe_cuda::{DeviceMatrix, Gpu, MoeExperts, MoeShape, expert_parts, part_offsets};
 use std::time::Instant;
 
 fn matrix(format: WeightFormat, rows: usize, cols: usize, seed: u32) -> Matrix {
@@ -101,13 +101,11 @@ fn main() {
     let out = std::cell::RefCell::new(gpu.zeros(hidden).unwrap());
     let shape = MoeShape::of_host(&[&parts[0], &parts[1], &parts[2]]).unwrap();
     let in_gpu: Vec<[u64; 9]> = handles.iter().map(|h| expert_parts(&gpu, &h.matrices())).collect();
-    let fused = |what: &str, experts: &[[u64; 9]], calls: usize| {
-        let sets = experts.len() / k;
+    let fused = |what: &str, calls: usize, sets: &[MoeExperts]| {
         let t = time(&gpu, calls, |i| {
-            let set = &experts[(i % sets) * k..(i % sets + 1) * k];
             gpu.moe_token(
                 &shape,
-                MoeExperts::Listed(set),
+                sets[i % sets.len()],
                 1,
                 &x,
                 &weights,
@@ -125,7 +123,19 @@ fn main() {
         );
         gbs
     };
-    let g = fused("in GPU memory", &in_gpu, 2000);
+    // Sets of k distinct experts, cycled so that each launch reads device memory.
+    let g = fused("listed", 2000, &in_gpu.chunks_exact(k).map(MoeExperts::Listed).collect::<Vec<_>>());
+    println!("{:>62}{:4.0}% of copy bandwidth", "", 100.0 * g / bw.device);
+    // As decoding with every expert in GPU memory does: chosen on the device, through the
+    // layer's address table.
+    let (_, off) = part_offsets(in_gpu[0]);
+    let table = gpu.upload_u64(&in_gpu.iter().map(|p| p[0]).collect::<Vec<_>>()).unwrap();
+    let id_sets: Vec<_> = (0..experts / k)
+        .map(|s| gpu.upload_i32(&(0..k).map(|j| (s * k + j) as i32).collect::<Vec<_>>()).unwrap())
+        .collect();
+    let by_table: Vec<_> =
+        id_sets.iter().map(|ids| MoeExperts::Table { table: &table, ids, slots: k, off, resident: true }).collect();
+    let g = fused("by table", 2000, &by_table);
     println!("{:>62}{:4.0}% of copy bandwidth", "", 100.0 * g / bw.device);
     // The same experts read by the kernels straight from page-locked host memory, over the bus:
     // how the tier streams experts it does not keep (VRAM budget 0).
@@ -144,7 +154,7 @@ fn main() {
             a
         })
         .collect();
-    let g = fused("from pinned host memory", &in_host, 200);
+    let g = fused("from pinned host memory", 200, &in_host.chunks_exact(k).map(MoeExperts::Listed).collect::<Vec<_>>());
     println!("{:>62}{:4.0}% of pinned host-to-device copies", "", 100.0 * g / bw.host_to_device);
     gpu.synchronize().unwrap();
     for (p, len) in held {

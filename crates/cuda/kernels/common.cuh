@@ -112,13 +112,8 @@ __device__ __forceinline__ float byte_to_f32(u32 word, int byte) {
 
 // The codes of an affine chunk as exact floats, lowest first: codes of `bits` bits; masking the
 // word at shift `sh` leaves in byte `j` the code number `j * per_byte + sh / bits`, which
-// `byte_to_f32` turns into a float. With OFFSET they come out as 1 + code / 128 (4- and 2-bit
-// codes: the masked byte with its top bit set, code | 0x80, placed by one byte permute under the
-// exponent byte 0x3F) or 1 + code / 32768 (8-bit: the code placed as the second byte under
-// 0x3F80). One instruction per code instead of the two of `byte_to_f32`; the sum of the inputs,
-// which the offset of 1 adds to a dot product, is known (`load_x`) and taken off again (see
-// `dot_chunk`).
-template <int F, bool OFFSET = false>
+// `byte_to_f32` turns into a float.
+template <int F>
 __device__ __forceinline__ void decode_codes(uint4 raw, float* q) {
     const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
     const int bits = Fmt<F>::BITS;
@@ -129,16 +124,9 @@ __device__ __forceinline__ void decode_codes(uint4 raw, float* q) {
     for (int i = 0; i < 4; i++) {
 #pragma unroll
         for (int sh = 0; sh < 8; sh += bits) {
-            const u32 m = ((words[i] >> sh) & mask) | (OFFSET && bits < 8 ? 0x80808080u : 0u);
+            const u32 m = (words[i] >> sh) & mask;
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float v;
-                if (!OFFSET) v = byte_to_f32(m, j);
-                // 8-bit: the code as the second byte under 0x3F80, 1 + code / 32768.
-                else if (bits == 8) v = __uint_as_float(__byte_perm(m, 0x3F800000u, 0x7604u + (j << 4)));
-                else v = __uint_as_float(__byte_perm(m, 0x3F000000u, 0x7044u + (j << 8)));
-                q[i * per_word + j * per_byte + sh / bits] = v;
-            }
+            for (int j = 0; j < 4; j++) q[i * per_word + j * per_byte + sh / bits] = byte_to_f32(m, j);
         }
     }
 }
@@ -231,23 +219,71 @@ struct RowOffsets {
     __device__ __forceinline__ int group(int i) const { return i < nr ? i * groups : 0; }
 };
 
-// The E inputs of chunk `c` into registers; returns their sum for affine formats (which
-// `dot_chunk` takes), computed once for all the rows a thread multiplies them with.
+// The E inputs of one chunk, as a one-token kernel holds them for every row it multiplies them
+// with. Float formats: the inputs. Affine formats: the inputs as 16-bit integers, two to a word,
+// x_i ~ scale * q_i (scale = max |x_i| / 32767 over the chunk), in the order `dot_chunk` pairs
+// them with the codes, and the inputs' sum (for the biases).
+template <int F, bool A = Fmt<F>::AFFINE> struct XChunk;
+template <int F> struct XChunk<F, false> { float v[Chunk<F>::E]; };
+template <int F> struct XChunk<F, true> {
+    u32 q[Chunk<F>::E / 2];
+    float scale, sum;
+};
+
+// Input pair p of an affine chunk: the inputs whose codes share the bytes `dot_chunk` hands one
+// dp2a: word w of the codes holds 32 / bits codes, code k at bits k * bits; masked at shift
+// s * bits (s < 8 / bits), byte j of it is code 8 / bits * j + s; a dp2a takes bytes 0, 1 (lo)
+// or 2, 3 (hi). Pairs per word: two per shift.
 template <int F>
-__device__ __forceinline__ float load_x(const float* __restrict__ x, int c, float* xr) {
+__device__ __forceinline__ void x_pair(int p, int* a, int* b) {
+    const int per_byte = 8 / Fmt<F>::BITS, per_word = 32 / Fmt<F>::BITS;
+    const int w = p / (2 * per_byte), r = p % (2 * per_byte), s = r / 2, h = r % 2;
+    *a = w * per_word + per_byte * 2 * h + s;
+    *b = w * per_word + per_byte * (2 * h + 1) + s;
+}
+
+// The low 16 bits of round(v): v + 1.5 * 2^23 holds it in its mantissa's low bits (|v| < 2^22),
+// one multiply-add instead of a conversion (which runs at a quarter rate).
+__device__ __forceinline__ u32 round_low16(float v) {
+    return __float_as_uint(v + 12582912.0f) & 0xffffu;
+}
+
+template <int F>
+__device__ __forceinline__ XChunk<F> load_x(const float* __restrict__ x, int c) {
     const int E = Chunk<F>::E;
     const float4* xv = (const float4*)(x + (u64)c * E);
-    float sum = 0.0f;
+    float v[E];
 #pragma unroll
     for (int i = 0; i < E / 4; i++) {
-        const float4 v = __ldg(xv + i);
-        xr[4 * i] = v.x;
-        xr[4 * i + 1] = v.y;
-        xr[4 * i + 2] = v.z;
-        xr[4 * i + 3] = v.w;
-        if (Fmt<F>::AFFINE) sum += (v.x + v.y) + (v.z + v.w);
+        const float4 t = __ldg(xv + i);
+        v[4 * i] = t.x;
+        v[4 * i + 1] = t.y;
+        v[4 * i + 2] = t.z;
+        v[4 * i + 3] = t.w;
     }
-    return sum;
+    XChunk<F> r;
+    if constexpr (!Fmt<F>::AFFINE) {
+#pragma unroll
+        for (int i = 0; i < E; i++) r.v[i] = v[i];
+    } else {
+        float sum = 0.0f, most = 0.0f;
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            sum += v[i];
+            most = fmaxf(most, fabsf(v[i]));
+        }
+        // A chunk of zeros (or of non-finite values, which the sum carries on) gets scale 0.
+        const float inv = most > 0.0f && most < 3.0e38f ? 32767.0f / most : 0.0f;
+#pragma unroll
+        for (int p = 0; p < E / 2; p++) {
+            int i, j;
+            x_pair<F>(p, &i, &j);
+            r.q[p] = round_low16(v[i] * inv) | (round_low16(v[j] * inv) << 16);
+        }
+        r.scale = most / 32767.0f;
+        r.sum = sum;
+    }
+    return r;
 }
 
 // The group scale and bias of chunk `c` of a row (`sc`/`bi` point at the row's groups), still in
@@ -268,33 +304,56 @@ __device__ __forceinline__ uint2 staged_sb(const u16* sc, const u16* bi, int c) 
     return make_uint2(sc[g], bi[g]);
 }
 
-// dot(a chunk of a row, xr), with its scale and bias from `load_sb` and `xsum` the sum of xr.
-// Affine formats as s * dot(codes, xr) + b * xsum: one multiply-add per element instead of two
-// (the decode kernels issue about as many instructions as device memory delivers bytes), and
-// dot(codes, xr) = u * (dot(1 + codes / u, xr) - xsum) with u = 128 (4-, 2-bit) or 32768
-// (8-bit). The subtraction costs bits of the float's 24: about 4 for 4-bit codes (their share of
-// the sum is about 1/16), about 8 for 8-bit codes (1/256), leaving a relative error near 2^-16,
-// far below the 2^-9 of 8-bit quantisation itself. Measured on an H200 (kernel_bench, q8
-// 12288 x 4096): 16.9 us against 17.5 with a permute and a subtraction per code.
+// dp2a: c + the dot product of the two signed 16-bit halves of `a` with bytes 0, 1 (lo) or 2, 3
+// (hi) of `b`, unsigned.
+__device__ __forceinline__ int dp2a_lo(u32 a, u32 b, int c) {
+    int d;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ int dp2a_hi(u32 a, u32 b, int c) {
+    int d;
+    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// dot(a chunk of a row, x), with its scale and bias from `load_sb`. Affine formats as
+// s * dot(codes, x) + b * sum(x), dot(codes, x) in integers: the codes masked in place (a mask
+// and a shift per byte's worth of codes) and multiplied with the 16-bit inputs two at a time by
+// dp2a, exact in 32 bits (at most 64 x 255 x 32767 < 2^31), then scaled once. A float decode
+// took a byte permute and a multiply-add per code, and those kernels issued about as many
+// instructions as device memory delivered bytes. The inputs' rounding to 16 bits (relative to
+// the chunk's largest) costs about 2^-16 of the dot product, far below the codes' quantisation.
 template <int F>
-__device__ __forceinline__ float dot_chunk(uint4 raw, uint2 sb, const float* xr, float xsum) {
-    const int E = Chunk<F>::E;
-    float w[E];
-    if constexpr (Fmt<F>::AFFINE) decode_codes<F, true>(raw, w);
-    else decode_chunk<F>(raw, 0.0f, 0.0f, w);
-    // Two chains of multiply-adds, so that each waits on its last result half as often.
-    float a0 = 0.0f, a1 = 0.0f;
-#pragma unroll
-    for (int i = 0; i < E; i += 2) {
-        a0 = fmaf(w[i], xr[i], a0);
-        a1 = fmaf(w[i + 1], xr[i + 1], a1);
-    }
-    const float a = a0 + a1;
+__device__ __forceinline__ float dot_chunk(uint4 raw, uint2 sb, const XChunk<F>& x) {
     if constexpr (Fmt<F>::AFFINE) {
-        const float unit = F == FMT_Q8 ? 32768.0f : 128.0f;
-        return fmaf(bf16_to_f32(sb.x) * unit, a - xsum, bf16_to_f32(sb.y) * xsum);
+        const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
+        const int bits = Fmt<F>::BITS, per_byte = 8 / bits;
+        const u32 mask = bits == 8 ? 0xffffffffu : (bits == 4 ? 0x0f0f0f0fu : 0x03030303u);
+        int acc = 0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+#pragma unroll
+            for (int s = 0; s < per_byte; s++) {
+                const u32 m = (words[i] >> (s * bits)) & mask;
+                acc = dp2a_lo(x.q[(i * per_byte + s) * 2], m, acc);
+                acc = dp2a_hi(x.q[(i * per_byte + s) * 2 + 1], m, acc);
+            }
+        }
+        return fmaf(bf16_to_f32(sb.x) * x.scale, (float)acc, bf16_to_f32(sb.y) * x.sum);
     } else {
-        return a;
+        const int E = Chunk<F>::E;
+        float w[E];
+        decode_chunk<F>(raw, 0.0f, 0.0f, w);
+        // Two chains of multiply-adds, so that each waits on its last result half as often.
+        float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+        for (int i = 0; i < E; i += 2) {
+            a0 = fmaf(w[i], x.v[i], a0);
+            a1 = fmaf(w[i + 1], x.v[i + 1], a1);
+        }
+        return a0 + a1;
     }
 }
 
@@ -332,16 +391,18 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes,
 #endif
 }
 
-// Waits until the copies on `bar` (first phase) have landed.
-__device__ __forceinline__ void bulk_wait(u64* bar) {
+// Waits until the copies on `bar` have landed: of its first phase (parity 0), second (1), third
+// (0) ...
+__device__ __forceinline__ void bulk_wait(u64* bar, u32 parity = 0) {
 #if __CUDA_ARCH__ >= 900
     asm volatile(
         "{\n"
         ".reg .pred done;\n"
         "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
         "@!done bra WAIT_%=;\n"
-        "}" ::"r"(smem_address(bar))
+        "}" ::"r"(smem_address(bar)),
+        "r"(parity)
         : "memory");
 #endif
 }
@@ -378,24 +439,34 @@ __device__ __forceinline__ void stage_rows(u8* dst, const u8* codes, const u16* 
     }
 }
 
+// The first half of `block_sums`, for blocks of any whole number of warps: every warp's sums of
+// v[0..N) into `red` (N floats a warp), then a block barrier.
+template <int N>
+__device__ __forceinline__ void warp_partials(const float* v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        const float t = warp_sum(v[i]);
+        if (lane == 0) red[warp * N + i] = t;
+    }
+    __syncthreads();
+}
+
+// The block's sum i of the N sums of `warp_partials` of `warps` warps.
+template <int N>
+__device__ __forceinline__ float partial_sum(const float* red, int i, int warps) {
+    float t = 0.0f;
+#pragma unroll 4
+    for (int w = 0; w < warps; w++) t += red[w * N + i];
+    return t;
+}
+
 // Sums v[0..n) over the block (DEC_THREADS threads); thread i < n gets sum i. `red` holds
 // n x DEC_THREADS / 32 floats.
 template <int N>
 __device__ __forceinline__ void block_sums(float* v, float* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int warps = DEC_THREADS / 32;
-#pragma unroll
-    for (int i = 0; i < N; i++) {
-        const float t = warp_sum(v[i]);
-        if (lane == 0) red[i * warps + warp] = t;
-    }
-    __syncthreads();
-    if (threadIdx.x < N) {
-        float t = 0.0f;
-#pragma unroll
-        for (int w = 0; w < warps; w++) t += red[threadIdx.x * warps + w];
-        v[0] = t;
-    }
+    warp_partials<N>(v, red);
+    if (threadIdx.x < N) v[0] = partial_sum<N>(red, threadIdx.x, DEC_THREADS / 32);
 }
 
 // One warp's partial dot products of a row of `chunks` 16-byte chunks with `nt` inputs: lane l

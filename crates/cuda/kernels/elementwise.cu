@@ -94,3 +94,33 @@ extern "C" __global__ void scatter_add(float* __restrict__ acc, const float* __r
     const float s = scales[i];
     for (int j = threadIdx.x; j < width; j += blockDim.x) acc[dst + j] += s * y[src + j];
 }
+
+// The argmax of x[0..n), ties to the lowest index, NaNs passed over, as a key that orders as
+// (value, -index): the value's bits made to order as unsigned integers (-0 taken as +0, which
+// compares equal), then the index's complement. Every block's largest key goes to `key` (zeroed
+// first) by an atomic maximum; 0 means no value compared (all NaN, or n = 0).
+extern "C" __global__ void argmax_key(const float* __restrict__ x, u64 n, unsigned long long* key) {
+    __shared__ unsigned long long best_of[32];
+    grid_start();
+    unsigned long long best = 0;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        if (v != v) continue;
+        u32 b = __float_as_uint(v == 0.0f ? 0.0f : v);
+        b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+        const unsigned long long k = ((unsigned long long)b << 32) | (0xffffffffu - (u32)i);
+        best = k > best ? k : best;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) best_of[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) best = best_of[w] > best ? best_of[w] : best;
+        atomicMax(key, best);
+    }
+}

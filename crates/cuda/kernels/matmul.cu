@@ -87,11 +87,10 @@ __device__ __forceinline__ void matvec1_impl(const u8* __restrict__ data, const 
             for (int u = 0; u < U; u++) {
                 const int c = c0 + u * DEC_THREADS;
                 if (c < chunks) {
-                    float xr[Chunk<F>::E];
-                    const float xsum = load_x<F>(x, c, xr);
+                    const XChunk<F> xc = load_x<F>(x, c);
 #pragma unroll
                     for (int i = 0; i < DEC_ROWS; i++)
-                        if (i < nr) acc[i] += dot_chunk<F>(raw[u][i], sb[u][i], xr, xsum);
+                        if (i < nr) acc[i] += dot_chunk<F>(raw[u][i], sb[u][i], xc);
                 }
             }
         }
@@ -136,11 +135,10 @@ __device__ __forceinline__ void matvec1_bulk_impl(const u8* __restrict__ data, c
     for (int i = 0; i < DEC_ROWS; i++) acc[i] = 0.0f;
     const int chunks = (int)(w.row_bytes / 16);
     for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
-        float xr[Chunk<F>::E];
-        const float xsum = load_x<F>(x, c, xr);
+        const XChunk<F> xc = load_x<F>(x, c);
 #pragma unroll
         for (int i = 0; i < DEC_ROWS; i++)
-            if (i < nr) acc[i] += dot_chunk<F>(w.chunk(i, c), w.sb(i, c), xr, xsum);
+            if (i < nr) acc[i] += dot_chunk<F>(w.chunk(i, c), w.sb(i, c), xc);
     }
     block_sums<DEC_ROWS>(acc, red);
     if (threadIdx.x < nr) out[r0 + threadIdx.x] = acc[0];

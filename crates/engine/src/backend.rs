@@ -157,6 +157,11 @@ pub trait Backend: Send + Sync {
     }
     /// The first `len` values back on the host.
     fn read(&self, t: &Self::Tensor, len: usize) -> Vec<f32>;
+    /// The index of the largest of the first `len` values, as `moe_core::sample::argmax` (greedy
+    /// decoding without the logits on the host).
+    fn argmax(&self, t: &Self::Tensor, len: usize) -> u32 {
+        moe_core::sample::argmax(&self.read(t, len))
+    }
     /// A new tensor of `len` values starting with the first `keep` values of `t` (cache growth).
     fn resized(&self, t: &Self::Tensor, keep: usize, len: usize) -> Self::Tensor;
 

@@ -315,7 +315,13 @@ impl CudaBackend {
             self.beside(|| shared(acc))?;
             route(r)?;
             self.with_hidden(k * t.shape.inter, |h| {
-                let experts = MoeExperts::Table { table: &t.table, ids: &r.ids, slots: k, off: t.off };
+                let experts = MoeExperts::Table {
+                    table: &t.table,
+                    ids: &r.ids,
+                    slots: k,
+                    off: t.off,
+                    resident: t.host_bytes == 0,
+                };
                 self.gpu.moe_token(&t.shape, experts, 1, x, &r.weights, false, h, Some(&self.side), acc)
             })?;
             let k = k as u64;
@@ -592,6 +598,13 @@ impl Backend for CudaBackend {
             return vec![0.0; len];
         }
         ok(self.queue().download(t, len), "read")
+    }
+
+    fn argmax(&self, t: &CudaSlice<f32>, len: usize) -> u32 {
+        if self.spoil_recording() {
+            return 0;
+        }
+        ok(self.queue().argmax(t, len), "argmax")
     }
 
     fn resized(&self, t: &CudaSlice<f32>, keep: usize, len: usize) -> CudaSlice<f32> {

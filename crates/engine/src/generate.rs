@@ -134,7 +134,9 @@ impl<'m, B: Backend> Conversation<'m, B> {
             );
         }
         let start = Instant::now();
-        let mut logits = self.model.forward(&mut self.session, prompt, false, false)?.logits;
+        // The next token's logits, or (greedy without penalties) the token itself, chosen by the
+        // backend where the logits are.
+        let mut next = Next::Logits(self.model.forward(&mut self.session, prompt, false, false)?.logits);
         self.history.extend_from_slice(prompt);
         let prefill = start.elapsed();
         self.turns += 1;
@@ -154,7 +156,10 @@ impl<'m, B: Backend> Conversation<'m, B> {
             if generated >= params.max_tokens {
                 break StopReason::MaxTokens;
             }
-            let token = sampler.sample(&mut logits, &self.history);
+            let token = match &mut next {
+                Next::Logits(logits) => sampler.sample(logits, &self.history),
+                Next::Token(token) => *token,
+            };
             generated += 1;
             if generated == 1 {
                 first = start.elapsed();
@@ -182,7 +187,11 @@ impl<'m, B: Backend> Conversation<'m, B> {
             if self.session.position >= context {
                 break StopReason::ContextFull;
             }
-            logits = self.model.forward(&mut self.session, &[token], false, false)?.logits;
+            next = if sampler.is_argmax() {
+                Next::Token(self.model.forward_greedy(&mut self.session, token)?)
+            } else {
+                Next::Logits(self.model.forward(&mut self.session, &[token], false, false)?.logits)
+            };
             self.history.push(token);
         };
         if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
@@ -237,6 +246,12 @@ impl<'a> StopMatcher<'a> {
         self.pending.push_str(text);
         std::mem::take(&mut self.pending)
     }
+}
+
+/// What a decode step hands the sampler.
+enum Next {
+    Logits(Vec<f32>),
+    Token(u32),
 }
 
 #[cfg(test)]

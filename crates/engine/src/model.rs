@@ -295,23 +295,11 @@ impl<B: Backend> Model<B> {
     /// Runs `tokens` through the model at the session's position, all at once (prefill) or one
     /// at a time when called with single tokens (decode); both give the same logits.
     pub fn forward(&self, session: &mut Session<B>, tokens: &[u32], all_logits: bool, capture: bool) -> Result<Output> {
-        let c = &self.config;
-        let b = &self.backend;
-        let n = tokens.len();
-        if n == 0 {
-            bail!("no tokens to process");
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            bail!("token id {bad} is out of range: the vocabulary has {} entries", c.vocab);
-        }
-        let past = session.position;
-        if past + n > c.max_positions {
-            bail!("{} tokens exceed the context of {} positions", past + n, c.max_positions);
-        }
+        let (c, b, n, past) = (&self.config, &self.backend, tokens.len(), session.position);
+        self.admit(session, tokens)?;
         let mut prof = Profile { tokens: n, ..Profile::default() };
-        self.reserve(session, past + n);
         let (logits, hidden) = if n == 1 && !capture {
-            (self.decode(session, tokens[0], &mut prof)?, Vec::new())
+            (self.decode(session, tokens[0], &mut prof, |logits| b.read(logits, c.vocab))?, Vec::new())
         } else {
             let rows = if all_logits { n } else { 1 };
             let mut logits = b.scratch(rows * c.vocab);
@@ -326,9 +314,48 @@ impl<B: Backend> Model<B> {
         Ok(Output { logits, hidden })
     }
 
-    /// The logits of one token at the session's position: a replay of the session's recorded step
-    /// where the backend records steps, else the step queued directly.
-    fn decode(&self, session: &mut Session<B>, token: u32, prof: &mut Profile) -> Result<Vec<f32>> {
+    /// Decodes `token` as `forward` does and returns the greedy choice of the next token (the
+    /// largest logit, ties to the lowest id) instead of the logits: the backend finds it where
+    /// the logits are, so that they never cross to the host (on the GPU a step's 1 MB copy and
+    /// the host's copy out of its staging, 100 us a token).
+    pub fn forward_greedy(&self, session: &mut Session<B>, token: u32) -> Result<u32> {
+        self.admit(session, &[token])?;
+        let mut prof = Profile { tokens: 1, ..Profile::default() };
+        let next = self.decode(session, token, &mut prof, |logits| self.backend.argmax(logits, self.config.vocab))?;
+        session.position += 1;
+        self.profile.lock().unwrap().add(&prof);
+        Ok(next)
+    }
+
+    /// Checks that `tokens` can go through the model at the session's position, and makes room
+    /// for them in its caches.
+    fn admit(&self, session: &mut Session<B>, tokens: &[u32]) -> Result<()> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            bail!("no tokens to process");
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            bail!("token id {bad} is out of range: the vocabulary has {} entries", c.vocab);
+        }
+        let past = session.position;
+        if past + n > c.max_positions {
+            bail!("{} tokens exceed the context of {} positions", past + n, c.max_positions);
+        }
+        self.reserve(session, past + n);
+        Ok(())
+    }
+
+    /// One token at the session's position, its logits handed to `finish` (which reads them back
+    /// or picks from them): a replay of the session's recorded step where the backend records
+    /// steps, else the step queued directly.
+    fn decode<T>(
+        &self,
+        session: &mut Session<B>,
+        token: u32,
+        prof: &mut Profile,
+        finish: impl Fn(&B::Tensor) -> T,
+    ) -> Result<T> {
         let (b, vocab, past) = (&self.backend, self.config.vocab, session.position);
         let kv = session.kv_capacity();
         let mut clock = Stopwatch::start();
@@ -336,7 +363,7 @@ impl<B: Backend> Model<B> {
             && *kv_capacity == kv
             && b.replay_step(graph, token, past)?
         {
-            let out = b.read(logits, vocab);
+            let out = finish(logits);
             clock.lap(&mut prof.replayed);
             prof.replays += 1;
             return Ok(out);
@@ -348,7 +375,7 @@ impl<B: Backend> Model<B> {
                 let mut step = || self.queue(layers, &[token], past, 1, false, prof, &mut logits).map(drop);
                 let recorded = b.record_step(&Routing::of(&self.config), token, past, &mut step)?;
                 if let Some(graph) = recorded {
-                    let out = b.read(&logits, vocab);
+                    let out = finish(&logits);
                     session.graph = StepGraph::Recorded { graph, logits, kv_capacity: kv };
                     return Ok(out);
                 }
@@ -359,7 +386,7 @@ impl<B: Backend> Model<B> {
         }
         self.queue(&mut session.layers, &[token], past, 1, false, prof, &mut logits)?;
         clock = Stopwatch::start();
-        let out = b.read(&logits, vocab);
+        let out = finish(&logits);
         clock.lap(&mut prof.other);
         Ok(out)
     }

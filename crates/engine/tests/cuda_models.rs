@@ -54,6 +54,13 @@ fn run_family(test: &str, name: &str) {
         decoded.extend(model.forward(&mut s, &[tok], true, false).unwrap().logits);
     }
     check(name, "decode", &decoded, &r, &cpu_logits, vocab);
+    // Greedy steps (the pick on the device, the logits never read back) choose the reference's
+    // top token at every position.
+    let mut s = model.new_session();
+    for (i, &tok) in r.ids.iter().enumerate() {
+        let want = argmax(&r.logits[i * vocab..(i + 1) * vocab]) as u32;
+        assert_eq!(model.forward_greedy(&mut s, tok).unwrap(), want, "{name}: greedy pick at position {i}");
+    }
     // Every expert is resident, so all but the first two steps (one to size the scratch, one to
     // record) and the re-recordings when the KV cache grows replay a recorded graph.
     let replays = model.take_profile().replays;

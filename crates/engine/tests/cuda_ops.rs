@@ -181,6 +181,45 @@ fn cuda_rms_norm_add() {
     assert_eq!(g.read(&ag, 1001), ac, "add");
 }
 
+/// The greedy pick on the device (a key per block, merged by an atomic maximum) against the host's
+/// argmax: ties to the lowest index, NaNs passed over, -0 equal to +0, nothing comparable -> 0.
+#[test]
+fn cuda_argmax() {
+    let Some(g) = gpu("cuda_argmax", Budget::Auto) else { return };
+    let mut rng = Rng(7);
+    let mut cases: Vec<(String, Vec<f32>)> = Vec::new();
+    for n in [1usize, 31, 1000, 248_320] {
+        cases.push((format!("random {n}"), rng.vec(n, 30.0)));
+    }
+    let mut tied = rng.vec(248_320, 1.0);
+    for i in [200_000, 7_000, 150_000] {
+        tied[i] = 5.0;
+    }
+    cases.push(("ties far apart".into(), tied));
+    let mut nan = rng.vec(5000, 1.0);
+    nan[0] = f32::NAN;
+    nan[4321] = f32::NAN;
+    nan[17] = 3.0;
+    cases.push(("NaNs".into(), nan));
+    cases.push(("all NaN".into(), vec![f32::NAN; 300]));
+    cases.push(("all -inf".into(), vec![f32::NEG_INFINITY; 300]));
+    let mut zeros = vec![-1.0f32; 600];
+    zeros[400] = 0.0;
+    zeros[90] = -0.0;
+    cases.push(("-0 before +0".into(), zeros));
+    let mut inf = rng.vec(70_000, 1.0);
+    inf[69_999] = f32::INFINITY;
+    inf[3] = f32::INFINITY;
+    cases.push(("+inf twice".into(), inf));
+    for (what, v) in &cases {
+        let want = moe_core::sample::argmax(v);
+        // A longer buffer than the values: only the first `len` count.
+        let mut padded = v.clone();
+        padded.push(f32::INFINITY);
+        assert_eq!(g.argmax(&g.tensor(&padded), v.len()), want, "argmax: {what}");
+    }
+}
+
 /// Runs the same attention calls (chunks of new tokens) on both backends, with caches of `spare`
 /// positions more than they take, and compares the outputs and the caches after each call.
 fn attention_case(g: &CudaBackend, s: AttentionShape, chunks: &[usize], spare: usize, seed: u64) {

@@ -38,6 +38,12 @@ fn run_family(name: &str) {
         decoded.extend(model.forward(&mut s, &[tok], true, false).unwrap().logits);
     }
     check(name, &decoded, &r, vocab, "decode");
+    // Greedy steps choose the reference's top token at every position.
+    let mut s = model.new_session();
+    for (i, &tok) in r.ids.iter().enumerate() {
+        let want = argmax(&r.logits[i * vocab..(i + 1) * vocab]) as u32;
+        assert_eq!(model.forward_greedy(&mut s, tok).unwrap(), want, "{name}: greedy pick at position {i}");
+    }
 
     // A prefill followed by decode steps continues the same state.
     let mut s = model.new_session();

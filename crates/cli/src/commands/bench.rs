@@ -79,22 +79,24 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
     let prompt: Vec<u32> = (0..a.prompt_tokens.max(1) as u32).map(|i| (i * 7919 + 13) % c.vocab as u32).collect();
     let mut session = model.new_session();
     let start = Instant::now();
-    let mut logits = model.forward(&mut session, &prompt, false, false)?.logits;
+    let logits = model.forward(&mut session, &prompt, false, false)?.logits;
+    std::hint::black_box(&logits);
     let prefill = start.elapsed();
     let before = model.experts().stats();
     let vram_before = model.backend().expert_tier_stats();
     model.take_profile();
     let start = Instant::now();
-    // Random tokens, not the model's own choices: a random-weight model's greedy output repeats
-    // itself, which would route every step to the same experts and flatter the cache.
+    // Greedy steps (the next token chosen where the logits are, as `generate` does at
+    // temperature 0), fed random tokens, not the model's own choices: a random-weight model's
+    // greedy output repeats itself, which would route every step to the same experts and flatter
+    // the cache.
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     for _ in 0..a.tokens {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        logits = model.forward(&mut session, &[(seed % c.vocab as u64) as u32], false, false)?.logits;
+        std::hint::black_box(model.forward_greedy(&mut session, (seed % c.vocab as u64) as u32)?);
     }
-    std::hint::black_box(&logits);
     let decode = start.elapsed();
     let after = model.experts().stats();
     let vram_after = model.backend().expert_tier_stats();
