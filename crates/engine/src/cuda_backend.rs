@@ -351,10 +351,9 @@ impl CudaBackend {
         if host.is_some() {
             self.land_handover(Some(layer));
         }
-        let ids: Vec<usize> = (0..experts).collect();
         let (parts, shapes, held, host_bytes): (Vec<Option<[u64; 9]>>, Vec<_>, _, _) = match host {
             None => {
-                let Some(handles) = ids.iter().map(|&e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
+                let Some(handles) = (0..experts).map(|e| self.tier.peek(layer, e)).collect::<Option<Vec<_>>>() else {
                     return Ok(None);
                 };
                 let parts = handles.iter().map(|h| Some(expert_parts(&self.gpu, &h.matrices()))).collect();
@@ -362,7 +361,7 @@ impl CudaBackend {
                 (parts, shapes, HeldExperts::Device { _handles: handles }, 0)
             }
             Some(store) => {
-                let held = store.experts(layer, &ids)?;
+                let Some(held) = store.layer_in_ram(layer) else { return Ok(None) };
                 let parts = held.iter().map(|x| self.tier.host_parts([&x.gate, &x.up, &x.down])).collect();
                 let shapes = held.iter().map(|x| MoeShape::of_host(&[&x.gate, &x.up, &x.down]).ok()).collect();
                 let bytes = held.first().map_or(0, |x| x.byte_len() as u64);

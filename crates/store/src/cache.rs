@@ -86,6 +86,11 @@ impl<V: Clone> Cache<V> {
         }
     }
 
+    /// The value of `key` if resident, no use counted.
+    pub fn get(&self, key: usize) -> Option<V> {
+        self.slots[key].as_ref().map(|(v, _)| v.clone())
+    }
+
     pub fn contains(&self, key: usize) -> bool {
         self.slots[key].is_some()
     }

@@ -754,6 +754,16 @@ impl ExpertSource for ExpertStore {
         self.shared.key(layer, expert).is_ok_and(|k| lock(&self.shared.state).cache.contains(k))
     }
 
+    fn layer_in_ram(&self, layer: usize) -> Option<Vec<Expert>> {
+        let s = &self.shared;
+        let keys = (0..s.layout.experts()).map(|e| s.key(layer, e).ok()).collect::<Option<Vec<_>>>()?;
+        let bufs = {
+            let st = lock(&s.state);
+            keys.iter().map(|&k| st.cache.get(k)).collect::<Option<Vec<_>>>()?
+        };
+        Some(keys.into_iter().zip(bufs).map(|(k, buf)| s.carve(k, buf)).collect())
+    }
+
     fn stats(&self) -> StoreStats {
         let s = &self.shared;
         let c = &s.counters;

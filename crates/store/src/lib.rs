@@ -159,6 +159,13 @@ pub trait ExpertSource: Send + Sync {
     fn is_resident(&self, _layer: usize, _expert: usize) -> bool {
         false
     }
+    /// Every expert of `layer` if the RAM tier holds them all now, without counting requests or
+    /// uses: for a table of their addresses that kernels read in place, whose uses the caller
+    /// counts itself (asked through `experts`, building the table counted every expert of the
+    /// layer as a hit). `None` where one is not resident or the source has no RAM tier.
+    fn layer_in_ram(&self, _layer: usize) -> Option<Vec<Expert>> {
+        None
+    }
     /// A snapshot of the source's counters (zeros for sources that keep none).
     fn stats(&self) -> StoreStats {
         StoreStats::default()

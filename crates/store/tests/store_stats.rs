@@ -115,3 +115,35 @@ fn without_io_threads_everything_is_read_by_the_caller() {
     let s = m.experts.stats();
     assert_eq!((s.prefetches, s.misses, s.joined, s.reads), (0, 3, 1, 3), "{s:?}");
 }
+
+/// A layer's experts handed over whole once the RAM tier holds them all (for an address table of
+/// host memory), without a request or a use counted: asked through `experts`, building the table
+/// counted every expert of the layer as a hit.
+#[test]
+fn a_resident_layer_is_handed_over_uncounted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed(tmp.path());
+    let m = open_with(&dir, &options(1 << 30, Eviction::Lfru, 2, false)).unwrap();
+    let (layers, experts) = (m.config.layers.len(), m.config.experts);
+    let all: Vec<usize> = (0..experts).collect();
+    m.experts.experts(0, &all[1..]).unwrap();
+    assert!(m.experts.layer_in_ram(0).is_none(), "expert 0 of layer 0 is not resident");
+    for l in 0..layers {
+        m.experts.experts(l, &all).unwrap();
+    }
+    let before = m.experts.stats();
+    for l in 0..layers {
+        let held = m.experts.layer_in_ram(l).expect("every expert resident");
+        assert_eq!(held.len(), experts);
+        for (e, x) in held.iter().enumerate() {
+            let want = m.experts.expert(l, e).unwrap();
+            assert_eq!(x.down.data.as_ptr(), want.down.data.as_ptr(), "layer {l} expert {e}: the resident copy");
+            assert_eq!(x.byte_len(), want.byte_len());
+        }
+    }
+    let after = m.experts.stats();
+    let asked = (layers * experts) as u64;
+    assert_eq!(after.hits - before.hits, asked, "only the checks' own requests count: {after:?}");
+    assert_eq!((after.misses, after.reads), (before.misses, before.reads), "{after:?}");
+    assert!(m.experts.layer_in_ram(layers).is_none(), "a layer out of range");
+}
