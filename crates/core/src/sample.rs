@@ -492,6 +492,22 @@ mod tests {
         assert_eq!(argmax(&[]), 0);
     }
 
+    /// Where `is_argmax` holds, a backend may pick the token itself; with a penalty it must not:
+    /// the penalised draw differs from the plain argmax.
+    #[test]
+    fn argmax_only_without_penalties() {
+        let greedy = Sampler::new(SamplingParams::greedy());
+        assert!(greedy.is_argmax());
+        let hot = SamplingParams { temperature: 0.8, ..SamplingParams::default() };
+        assert!(!Sampler::new(hot).is_argmax());
+        let penalised = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() };
+        let mut s = Sampler::new(penalised);
+        assert!(!s.is_argmax());
+        let mut logits = [1.0, 3.0, 2.0];
+        assert_eq!(argmax(&logits), 1);
+        assert_eq!(s.sample(&mut logits, &[1]), 2, "token 1's logit halved by the penalty");
+    }
+
     #[test]
     fn default_is_greedy() {
         let p = SamplingParams::default();
