@@ -129,9 +129,9 @@ fn main() {
     // As decoding with every expert in GPU memory does: chosen on the device, through the
     // layer's address table.
     let (_, off) = part_offsets(in_gpu[0]);
-    let table = gpu.upload_u64(&in_gpu.iter().map(|p| p[0]).collect::<Vec<_>>()).unwrap();
+    let table = gpu.upload_ints(&in_gpu.iter().map(|p| p[0]).collect::<Vec<_>>()).unwrap();
     let id_sets: Vec<_> = (0..experts / k)
-        .map(|s| gpu.upload_i32(&(0..k).map(|j| (s * k + j) as i32).collect::<Vec<_>>()).unwrap())
+        .map(|s| gpu.upload_ints(&(0..k).map(|j| (s * k + j) as i32).collect::<Vec<_>>()).unwrap())
         .collect();
     let by_table: Vec<_> =
         id_sets.iter().map(|ids| MoeExperts::Table { table: &table, ids, slots: k, off, resident: true }).collect();

@@ -110,6 +110,12 @@ __device__ __forceinline__ float byte_to_f32(u32 word, int byte) {
     return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + byte)) - 8388608.0f;
 }
 
+// Masks a word of affine codes to the lowest code of each byte (8-bit codes: the whole word).
+template <int F>
+__device__ __forceinline__ u32 byte_code_mask() {
+    return Fmt<F>::BITS == 8 ? 0xffffffffu : (Fmt<F>::BITS == 4 ? 0x0f0f0f0fu : 0x03030303u);
+}
+
 // The codes of an affine chunk as exact floats, lowest first: codes of `bits` bits; masking the
 // word at shift `sh` leaves in byte `j` the code number `j * per_byte + sh / bits`, which
 // `byte_to_f32` turns into a float.
@@ -119,7 +125,7 @@ __device__ __forceinline__ void decode_codes(uint4 raw, float* q) {
     const int bits = Fmt<F>::BITS;
     const int per_byte = 8 / bits;
     const int per_word = 32 / bits;
-    const u32 mask = bits == 8 ? 0xffffffffu : (bits == 4 ? 0x0f0f0f0fu : 0x03030303u);
+    const u32 mask = byte_code_mask<F>();
 #pragma unroll
     for (int i = 0; i < 4; i++) {
 #pragma unroll
@@ -330,7 +336,7 @@ __device__ __forceinline__ float dot_chunk(uint4 raw, uint2 sb, const XChunk<F>&
     if constexpr (Fmt<F>::AFFINE) {
         const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
         const int bits = Fmt<F>::BITS, per_byte = 8 / bits;
-        const u32 mask = bits == 8 ? 0xffffffffu : (bits == 4 ? 0x0f0f0f0fu : 0x03030303u);
+        const u32 mask = byte_code_mask<F>();
         int acc = 0;
 #pragma unroll
         for (int i = 0; i < 4; i++) {

@@ -236,6 +236,23 @@ fn chunked_rows(f: WeightFormat, cols: usize) -> bool {
     bytes.is_multiple_of(16) && cols.is_multiple_of(4)
 }
 
+/// The bytes of one row of `cols` values in format `f` as a `StagedRows` holds them in shared
+/// memory: its codes, and its scales and biases (affine formats), where bulk copies take the row:
+/// whole 16-byte chunks of codes and a multiple of `groups_multiple` affine groups (so that the
+/// scales and biases of the rows a copy takes are whole chunks too).
+fn staged_row(f: WeightFormat, cols: usize, groups_multiple: usize) -> Option<(usize, usize)> {
+    if !chunked_rows(f, cols) {
+        return None;
+    }
+    match f {
+        WeightFormat::Float(d) => Some((cols * d.size(), 0)),
+        WeightFormat::Affine { bits, group } => {
+            let groups = cols / group;
+            groups.is_multiple_of(groups_multiple).then_some((cols * bits as usize / 8, 4 * groups))
+        }
+    }
+}
+
 /// One GPU: its context, the stream every operation is queued on, and the compiled kernels.
 pub struct Gpu {
     pub(crate) ctx: Arc<CudaContext>,
@@ -451,20 +468,11 @@ impl Gpu {
     /// row group's start and length are multiples of 16 bytes; parts start at [`PART_ALIGN`]), and
     /// at most [`BULK_MAX_BYTES`].
     fn bulk_rows(&self, f: WeightFormat, cols: usize) -> Option<u32> {
-        if !self.bulk_copies || !chunked_rows(f, cols) {
+        if !self.bulk_copies {
             return None;
         }
-        let per_row = match f {
-            WeightFormat::Float(d) => cols * d.size(),
-            WeightFormat::Affine { bits, group } => {
-                let groups = cols / group;
-                if !groups.is_multiple_of(8) {
-                    return None;
-                }
-                cols * bits as usize / 8 + 4 * groups
-            }
-        };
-        let bytes = DEC_ROWS as usize * per_row;
+        let (codes, scales) = staged_row(f, cols, 8)?;
+        let bytes = DEC_ROWS as usize * (codes + scales);
         (bytes <= BULK_MAX_BYTES).then_some(bytes as u32)
     }
 
@@ -473,19 +481,10 @@ impl Gpu {
     /// kernels take it: rings on, whole row groups, rows of whole chunks, and an even number of
     /// affine groups a row (so that the scales and biases of a row group are whole chunks too).
     fn ring_rows(&self, f: WeightFormat, rows: usize, cols: usize) -> Option<(usize, usize)> {
-        if self.ring.is_none() || !rows.is_multiple_of(DEC_ROWS as usize) || !chunked_rows(f, cols) {
+        if self.ring.is_none() || !rows.is_multiple_of(DEC_ROWS as usize) {
             return None;
         }
-        let (codes, scales) = match f {
-            WeightFormat::Float(d) => (cols * d.size(), 0),
-            WeightFormat::Affine { bits, group } => {
-                let groups = cols / group;
-                if !groups.is_multiple_of(2) {
-                    return None;
-                }
-                (cols * bits as usize / 8, 4 * groups)
-            }
-        };
+        let (codes, scales) = staged_row(f, cols, 2)?;
         Some((DEC_ROWS as usize * (codes + scales), codes / 16))
     }
 
@@ -596,15 +595,8 @@ impl Gpu {
         Ok(&host.as_slice().what("reading pinned memory")?[..len])
     }
 
-    pub fn upload_u64(&self, values: &[u64]) -> Result<CudaSlice<u64>> {
-        self.stream.clone_htod(values).what("copying to the device")
-    }
-
-    pub fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
-        self.stream.clone_htod(values).what("copying to the device")
-    }
-
-    pub fn upload_i32(&self, values: &[i32]) -> Result<CudaSlice<i32>> {
+    /// Integers (ids, addresses) copied to a new buffer on the device.
+    pub fn upload_ints<T: cudarc::driver::DeviceRepr>(&self, values: &[T]) -> Result<CudaSlice<T>> {
         self.stream.clone_htod(values).what("copying to the device")
     }
 
@@ -1069,7 +1061,7 @@ impl Gpu {
         );
         let max_row = *rows.iter().max().unwrap() as usize;
         assert!(x.len() >= (max_row + 1) * h && acc.len() >= (max_row + 1) * h, "expert_ffn: row out of range");
-        let idx = self.upload_u32(rows)?;
+        let idx = self.upload_ints(rows)?;
         let sc = self.upload(scales)?;
         let (h_i, n_i) = (i32_of(h, "hidden"), i32_of(n, "rows"));
         let row_cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

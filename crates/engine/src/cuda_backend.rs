@@ -376,7 +376,7 @@ impl CudaBackend {
             return Ok(None);
         }
         let addresses: Vec<u64> = parts.iter().flatten().map(|p| p[0]).collect();
-        let table = self.gpu.upload_u64(&addresses)?;
+        let table = self.gpu.upload_ints(&addresses)?;
         Ok(Some(LayerTable { table, off, shape: *shape, host_bytes, _held: held }))
     }
 }
@@ -616,7 +616,7 @@ impl Backend for CudaBackend {
             assert_eq!(tokens.len(), 1, "a recorded step embeds one token");
             return ok(self.queue().embed(table, &self.step.token(), out), "embed");
         }
-        let ids = ok(self.queue().upload_u32(tokens), "upload");
+        let ids = ok(self.queue().upload_ints(tokens), "upload");
         ok(self.queue().embed(table, &ids.slice(..), out), "embed")
     }
 
@@ -678,7 +678,7 @@ impl Backend for CudaBackend {
         let r = if self.recording() {
             self.queue().attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &self.step.position(), tokens, out)
         } else {
-            let past_on_device = ok(self.queue().upload_u32(&[u32::try_from(past).expect("position")]), "upload");
+            let past_on_device = ok(self.queue().upload_ints(&[u32::try_from(past).expect("position")]), "upload");
             self.queue().attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &past_on_device.slice(..), tokens, out)
         };
         ok(r, "attention")
