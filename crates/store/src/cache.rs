@@ -71,7 +71,7 @@ impl<V: Clone> Cache<V> {
         if self.since_age >= self.age_period {
             self.age();
         }
-        self.slots[key].as_ref().map(|(v, _)| v.clone())
+        self.get(key)
     }
 
     /// Halves every use count.
