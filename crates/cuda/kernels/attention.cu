@@ -49,8 +49,9 @@ extern "C" __global__ void attn_append_kv(const float* __restrict__ q, const flo
                                           const float* __restrict__ k_norm, float* __restrict__ qr,
                                           float* __restrict__ k_cache, float* __restrict__ v_cache, int heads,
                                           int kv_heads, int hd, int rot, double theta, float offset, float eps,
-                                          int gated, const u32* __restrict__ past) {
+                                          int gated, const u32* __restrict__ past, const u32* live) {
     grid_start();
+    if (step_skipped(live)) return;
     extern __shared__ float smem[];
     __shared__ float red[32];
     const int t = blockIdx.x, h = blockIdx.y;

@@ -48,7 +48,28 @@ __device__ __forceinline__ void grid_start() {
     grid_wait();
 }
 
+// A recorded step queued before its token was known may be let pass instead (`step_gate`): its
+// kernels that write a recurrent state or a cache then leave it as it was. `live` is the step's
+// flag (read after `grid_wait`), null outside recorded steps.
+__device__ __forceinline__ bool step_skipped(const u32* live) { return live != nullptr && *live == 0; }
+
 #define NEG_INF __int_as_float(0xff800000)
+
+// Value `v` at index `i` as a key that orders as (value, -index): the value's bits made to order as
+// unsigned integers (-0 taken as +0, which compares equal; NaN below every number), then the
+// index's complement. Every key is non-zero.
+__device__ __forceinline__ unsigned long long order_key(float v, u32 i) {
+    u32 b = __float_as_uint(v == 0.0f ? 0.0f : v);
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    if (v != v) b = 0;
+    return ((unsigned long long)b << 32) | (0xffffffffu - i);
+}
+
+// The value of an `order_key` (+0 for -0; NaN for NaN).
+__device__ __forceinline__ float key_value(unsigned long long key) {
+    const u32 b = (u32)(key >> 32);
+    return __uint_as_float((b & 0x80000000u) ? (b & 0x7fffffffu) : ~b);
+}
 
 __device__ __forceinline__ float bf16_to_f32(u32 bits) { return __uint_as_float(bits << 16); }
 

@@ -95,10 +95,9 @@ extern "C" __global__ void scatter_add(float* __restrict__ acc, const float* __r
     for (int j = threadIdx.x; j < width; j += blockDim.x) acc[dst + j] += s * y[src + j];
 }
 
-// The argmax of x[0..n), ties to the lowest index, NaNs passed over, as a key that orders as
-// (value, -index): the value's bits made to order as unsigned integers (-0 taken as +0, which
-// compares equal), then the index's complement. Every block's largest key goes to `key` (zeroed
-// first) by an atomic maximum; 0 means no value compared (all NaN, or n = 0).
+// The argmax of x[0..n), ties to the lowest index, NaNs passed over, as an `order_key`. Every
+// block's largest key goes to `key` (zeroed first) by an atomic maximum; 0 means no value
+// compared (all NaN, or n = 0).
 extern "C" __global__ void argmax_key(const float* __restrict__ x, u64 n, unsigned long long* key) {
     __shared__ unsigned long long best_of[32];
     grid_start();
@@ -106,9 +105,7 @@ extern "C" __global__ void argmax_key(const float* __restrict__ x, u64 n, unsign
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const float v = x[i];
         if (v != v) continue;
-        u32 b = __float_as_uint(v == 0.0f ? 0.0f : v);
-        b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-        const unsigned long long k = ((unsigned long long)b << 32) | (0xffffffffu - (u32)i);
+        const unsigned long long k = order_key(v, (u32)i);
         best = k > best ? k : best;
     }
 #pragma unroll
@@ -123,4 +120,30 @@ extern "C" __global__ void argmax_key(const float* __restrict__ x, u64 n, unsign
         for (int w = 1; w < (int)(blockDim.x >> 5); w++) best = best_of[w] > best ? best_of[w] : best;
         atomicMax(key, best);
     }
+}
+
+// ---- The first kernel of a recorded decode step (graph.rs), one thread. The host writes each
+// step's inputs (token, position, live, sequence number) to slot `sequence % STEP_SLOTS` of
+// page-locked `slots`, possibly after the step was queued; the gate waits for its step's slot,
+// copies it to `step` (token, position, live, sequence), where the step's kernels read it, and
+// acknowledges it in the word after the slots. A step's sequence number is one past the last
+// one's. It never lets the next kernel start early: nothing of the step may run before its
+// inputs are known, nor before everything queued ahead of it has ended.
+#define STEP_SLOTS 4
+
+extern "C" __global__ void step_gate(u32* slots, u32* step) {
+    const u32 want = step[3] + 1;
+    const u32* slot = slots + (want % STEP_SLOTS) * 4;
+    u32 seq, token, position, live;
+    do {
+        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(seq) : "l"(slot + 3) : "memory");
+    } while (seq != want);
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(token) : "l"(slot) : "memory");
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(position) : "l"(slot + 1) : "memory");
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(live) : "l"(slot + 2) : "memory");
+    step[0] = token;
+    step[1] = position;
+    step[2] = live;
+    step[3] = want;
+    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(slots + STEP_SLOTS * 4), "r"(want) : "memory");
 }

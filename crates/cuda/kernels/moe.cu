@@ -6,8 +6,8 @@
 
 #define MOE_MAX_SLOTS 16
 // The top-k block: experts up to ROUTE_THREADS x ROUTE_PER_THREAD (ROUTE_MAX_EXPERTS in device.rs).
-#define ROUTE_THREADS 128
-#define ROUTE_PER_THREAD 8
+#define ROUTE_THREADS 256
+#define ROUTE_PER_THREAD 4
 
 // Where the parts of each slot's matrices are: part p of slot k lies at `part[k][p]`, or at
 // `table[ids[k]] + off[p]` when a table is given (every expert of the layer resident in GPU memory,
@@ -27,95 +27,98 @@ __device__ __forceinline__ const u8* slot_part(const MoeSlots& m, const int* ids
     return (const u8*)(m.table ? m.table[ids[k]] + m.off[p] : m.part[k][p]);
 }
 
-__device__ __forceinline__ void warp_argmax(float* v, int* e) {
+// The largest of a warp's keys, in every lane.
+__device__ __forceinline__ unsigned long long warp_max_key(unsigned long long key) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, *v, o);
-        const int oe = __shfl_xor_sync(0xffffffffu, *e, o);
-        if (ov > *v || (ov == *v && oe < *e)) {
-            *v = ov;
-            *e = oe;
-        }
+        const unsigned long long other = __shfl_xor_sync(0xffffffffu, key, o);
+        key = other > key ? other : key;
     }
+    return key;
+}
+
+// Takes the warp's largest of `keys` (N per lane, distinct where non-zero) out of them: zeroed in
+// the lane that held it, returned in every lane.
+template <int N>
+__device__ __forceinline__ unsigned long long warp_take_max(unsigned long long* keys) {
+    unsigned long long best = keys[0];
+#pragma unroll
+    for (int j = 1; j < N; j++) best = keys[j] > best ? keys[j] : best;
+    const unsigned long long top = warp_max_key(best);
+#pragma unroll
+    for (int j = 0; j < N; j++)
+        if (keys[j] == top) keys[j] = 0;
+    return top;
 }
 
 // Per token (one block of ROUTE_THREADS each, ROUTE_PER_THREAD logits per thread): the top `k`
-// of `experts` router logits (ties to the lower id, best first) into `ids[t * k + i]` and their
-// softmax probabilities into `weights`, renormalised to sum to 1 when `norm` (as
-// `moe_core::ops::route`). Each round every warp finds its best, then every thread the block's;
-// the softmax needs only the picked logits and the sum of all. (One warp for all the logits
-// walked 32 per lane per round.)
+// of `experts` router logits (ties to the lower id, best first; NaN below every number) into
+// `ids[t * k + i]` and their softmax probabilities into `weights`, renormalised to sum to 1 when
+// `norm` (as `moe_core::ops::route`). Each logit is an `order_key` with its id, so that a
+// comparison of keys is the whole order. Every warp takes its own top k in k rounds of warp
+// maxima (no block barrier), then warp 0 takes the top k of those. The softmax needs only the
+// picked logits and, without `norm`, the sum over all. (Rounds over the whole block, each ending
+// in a block barrier, took 8-9 us for the top 10 of 512 on an H200.)
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(const float* __restrict__ logits, int experts,
                                                                        int k, int norm, int* __restrict__ ids,
                                                                        float* __restrict__ weights) {
     const int NW = ROUTE_THREADS / 32;
+    const int CAND = (NW * MOE_MAX_SLOTS + 31) / 32;
     __shared__ float red[32];
-    __shared__ float cand_v[2][NW];
-    __shared__ int cand_e[2][NW];
-    __shared__ float pick_v[MOE_MAX_SLOTS];
-    __shared__ int pick_e[MOE_MAX_SLOTS];
+    __shared__ unsigned long long cand[NW * MOE_MAX_SLOTS];
+    __shared__ float top;
     grid_start();
     const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float* l = logits + (u64)t * experts;
     float v[ROUTE_PER_THREAD];
+    unsigned long long keys[ROUTE_PER_THREAD];
 #pragma unroll
     for (int j = 0; j < ROUTE_PER_THREAD; j++) {
         const int e = j * ROUTE_THREADS + tid;
         v[j] = e < experts ? l[e] : NEG_INF;
+        keys[j] = e < experts ? order_key(v[j], e) : 0;
     }
     for (int i = 0; i < k; i++) {
-        float best = NEG_INF;
-        int be = 0x7fffffff;
-#pragma unroll
-        for (int j = 0; j < ROUTE_PER_THREAD; j++) {
-            const int e = j * ROUTE_THREADS + tid;
-            if (e < experts && (v[j] > best || be == 0x7fffffff)) {
-                best = v[j];
-                be = e;
-            }
-        }
-        warp_argmax(&best, &be);
-        if (lane == 0) {
-            cand_v[i & 1][warp] = best;
-            cand_e[i & 1][warp] = be;
-        }
-        __syncthreads();
-        best = cand_v[i & 1][0];
-        be = cand_e[i & 1][0];
-#pragma unroll
-        for (int w = 1; w < NW; w++) {
-            const float ov = cand_v[i & 1][w];
-            const int oe = cand_e[i & 1][w];
-            if (ov > best || (ov == best && oe < be)) {
-                best = ov;
-                be = oe;
-            }
-        }
-        // A NaN router output must not send an out-of-range id to the expert kernels.
-        if (be >= experts) be = 0;
-        if (be % ROUTE_THREADS == tid) {
-#pragma unroll
-            for (int j = 0; j < ROUTE_PER_THREAD; j++)
-                if (j == be / ROUTE_THREADS) v[j] = NEG_INF;
-        }
-        if (tid == 0) {
-            pick_v[i] = best;
-            pick_e[i] = be;
-        }
+        const unsigned long long best = warp_take_max<ROUTE_PER_THREAD>(keys);
+        if (lane == 0) cand[warp * k + i] = best;
     }
     __syncthreads();
-    const float mx = pick_v[0];
-    // The picked logits are out of `v` now: the rest summed over the block, the picked here.
-    float rest = 0.0f;
+    float p = 0.0f;
+    int e = 0;
+    if (warp == 0) {
+        unsigned long long c[CAND];
 #pragma unroll
-    for (int j = 0; j < ROUTE_PER_THREAD; j++) rest += expf(v[j] - mx);
-    float picked = 0.0f;
-    for (int i = 0; i < k; i++) picked += expf(pick_v[i] - mx);
-    const float sum = block_sum(rest, red) + picked;
-    if (tid < k) {
-        const float p = expf(pick_v[tid] - mx);
-        ids[t * k + tid] = pick_e[tid];
-        weights[t * k + tid] = norm ? p / picked : p / sum;
+        for (int j = 0; j < CAND; j++) c[j] = j * 32 + lane < NW * k ? cand[j * 32 + lane] : 0;
+        unsigned long long mine = 0;
+        for (int i = 0; i < k; i++) {
+            const unsigned long long best = warp_take_max<CAND>(c);
+            if (lane == i) mine = best;
+        }
+        // A key's id is the complement of its low word; a NaN router output must not send an
+        // out-of-range id to the expert kernels.
+        e = (int)(0xffffffffu - (u32)mine);
+        if (lane >= k || e >= experts) e = 0;
+        const float v = key_value(mine);
+        const float mx = __shfl_sync(0xffffffffu, v, 0);
+        p = lane < k ? expf(v - mx) : 0.0f;
+        if (lane == 0) top = mx;
+    }
+    float sum = 0.0f;
+    if (!norm) {
+        __syncthreads();
+        float rest = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ROUTE_PER_THREAD; j++) rest += expf(v[j] - top);
+        sum = block_sum(rest, red);
+    }
+    if (warp == 0) {
+        float picked = p;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) picked += __shfl_xor_sync(0xffffffffu, picked, o);
+        if (lane < k) {
+            ids[t * k + lane] = e;
+            weights[t * k + lane] = p / (norm ? picked : sum);
+        }
     }
 }
 
@@ -202,7 +205,8 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
 }
 
 // out[t][r] += sum over slots k of w_k * (down_k[r] . h[t][k]), w_k = weights[t][k] (or its
-// sigmoid when `sigmoid`, for the gated shared expert), for token t = blockIdx.y and DEC_ROWS rows
+// sigmoid when `sigmoid`, for the gated shared expert), added atomically (the routed experts' and
+// the shared expert's down launches run side by side), for token t = blockIdx.y and DEC_ROWS rows
 // r per block. The block's threads share the (slot, chunk) pairs; each loads a chunk of h[k] once
 // for DEC_ROWS rows, two pairs in flight. Each slot's row pointers are looked up once per block
 // (into shared memory), not per pair: in a table's case that is two dependent loads (the id, then
@@ -273,7 +277,7 @@ __device__ __forceinline__ void moe_down_impl(const MoeSlots& m, int slots, cons
         }
     }
     block_sums<DEC_ROWS>(acc, red);
-    if (threadIdx.x < nr) out[r0 + threadIdx.x] += acc[0];
+    if (threadIdx.x < nr) atomicAdd(&out[r0 + threadIdx.x], acc[0]);
 }
 
 // ---- One token, every chosen expert in GPU memory: the down projection through a ring of stages
@@ -378,8 +382,8 @@ __device__ __forceinline__ void moe_down_ring_impl(const MoeSlots& m, int slots,
         warp_partials<DEC_ROWS>(acc, red[j & 1]);
         if (threadIdx.x < 32 && j + stages < mine) issue(j + stages);
         if (threadIdx.x < DEC_ROWS)
-            out[(blockIdx.x + j * gridDim.x) * DEC_ROWS + threadIdx.x] +=
-                partial_sum<DEC_ROWS>(red[j & 1], threadIdx.x, blockDim.x >> 5);
+            atomicAdd(&out[(blockIdx.x + j * gridDim.x) * DEC_ROWS + threadIdx.x],
+                      partial_sum<DEC_ROWS>(red[j & 1], threadIdx.x, blockDim.x >> 5));
     }
 }
 

@@ -58,6 +58,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "swiglu",
     "scatter_add",
     "argmax_key",
+    "step_gate",
     "attn_append_kv",
     "attn_decode",
     "attn_combine",
@@ -66,6 +67,8 @@ pub(crate) const KERNELS: &[&str] = &[
     "dn_recurrence",
     "dn_chunk",
     "dn_gated_norm",
+    "dn_step",
+    "dn_finish",
     "route_topk",
     "moe_gate_up_f32",
     "moe_gate_up_f16",
@@ -271,6 +274,8 @@ pub struct Gpu {
     dn_chunk_smem: usize,
     /// The one-token down kernel's ring of stages in shared memory (`ring_launch`).
     ring: Option<RingLimits>,
+    /// The device's multiprocessors: a ring launch takes as many blocks as fit them at once.
+    sms: u32,
     /// Page-locked memory that [`download`](Self::download) copies through (grown on demand).
     staging: Mutex<Option<PinnedHostSlice<f32>>>,
 }
@@ -294,23 +299,17 @@ fn opt_in_shared(ctx: &CudaContext, f: &CudaFunction) -> Result<usize> {
 struct RingLimits {
     /// The dynamic shared memory a ring block may take (opted in for every ring kernel).
     most: usize,
-    /// The device's multiprocessors: a ring launch takes as many blocks as fit them at once.
-    sms: u32,
 }
 
 impl RingLimits {
     fn of(ctx: &CudaContext, functions: &HashMap<&'static str, CudaFunction>) -> Result<RingLimits> {
-        use cudarc::driver::sys::CUdevice_attribute;
         let mut most = usize::MAX;
         for (name, f) in functions {
             if name.contains("_ring_") {
                 most = most.min(opt_in_shared(ctx, f)?);
             }
         }
-        let sms = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .what("reading the multiprocessor count")?;
-        Ok(RingLimits { most, sms: sms.max(1) as u32 })
+        Ok(RingLimits { most })
     }
 }
 
@@ -353,6 +352,11 @@ fn row_blocks(rows: usize, width: usize) -> (LaunchConfig, i32) {
 /// Whether an on-by-default switch is not set to "0".
 fn env_on(name: &str) -> bool {
     std::env::var(name).ok().is_none_or(|v| v != "0")
+}
+
+/// The index in an `argmax_key` key (elementwise.cu): 0 when nothing compared.
+pub(crate) fn key_index(key: u64) -> u32 {
+    if key == 0 { 0 } else { u32::MAX - key as u32 }
 }
 
 fn i32_of(v: usize, what: &str) -> i32 {
@@ -415,6 +419,10 @@ impl Gpu {
         // FLASH_MOE_RING=0 keeps the one-token down kernel that loads into registers.
         let ring = if bulk_copies && env_on("FLASH_MOE_RING") { Some(RingLimits::of(&ctx, &functions)?) } else { None };
         let staging = Mutex::new(None);
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .what("reading the multiprocessor count")?
+            .max(1) as u32;
         Ok(Gpu {
             ctx,
             stream,
@@ -426,6 +434,7 @@ impl Gpu {
             bulk_copies,
             dn_chunk_smem,
             ring,
+            sms,
             staging,
         })
     }
@@ -447,6 +456,7 @@ impl Gpu {
             bulk_copies: self.bulk_copies,
             dn_chunk_smem: self.dn_chunk_smem,
             ring: self.ring,
+            sms: self.sms,
             staging: Mutex::new(None),
         })
     }
@@ -510,7 +520,7 @@ impl Gpu {
             return Ok(None);
         }
         let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None).what("sizing a launch")?;
-        let blocks = (limits.sms * per_sm.max(1)).min(items.div_ceil(2 * stages) as u32).max(1);
+        let blocks = (self.sms * per_sm.max(1)).min(items.div_ceil(2 * stages) as u32).max(1);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
         Ok(Some((cfg, stages as i32)))
     }
@@ -540,7 +550,7 @@ impl Gpu {
         self.ctx.check_err().what("an earlier asynchronous call")
     }
 
-    fn f(&self, name: &'static str) -> &CudaFunction {
+    pub(crate) fn f(&self, name: &'static str) -> &CudaFunction {
         &self.functions[name]
     }
 
@@ -635,20 +645,28 @@ impl Gpu {
     /// so that only the index crosses the bus, not the values (a step's 1 MB of logits took the
     /// host 70-100 us to copy out of the staging).
     pub fn argmax(&self, t: &CudaSlice<f32>, len: usize) -> Result<u32> {
-        assert!(len <= t.len() && len <= u32::MAX as usize, "argmax of {len} values from {}", t.len());
         // The key (a u64) in two f32 slots, so that it comes back through `download`'s staging.
         let key = self.zeros(2)?;
-        if len > 0 {
-            let blocks = (len as u32).div_ceil(ARGMAX_THREADS * 8).min(ARGMAX_MAX_BLOCKS);
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ARGMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
-            let (n, at) = (len as u64, key.device_ptr(&self.stream).0);
-            let mut b = self.launch(self.f("argmax_key"));
-            b.arg(t).arg(&n).arg(&at);
-            unsafe { b.launch(cfg) }.what("launching argmax_key")?;
-        }
+        self.queue_argmax(t, len, key.device_ptr(&self.stream).0)?;
         let halves = self.download(&key, 2)?;
-        let key = halves[0].to_bits() as u64 | (halves[1].to_bits() as u64) << 32;
-        Ok(if key == 0 { 0 } else { u32::MAX - key as u32 })
+        Ok(key_index(halves[0].to_bits() as u64 | (halves[1].to_bits() as u64) << 32))
+    }
+
+    /// Queues the search for [`argmax`](Self::argmax)'s key, into the u64 at device address `key`.
+    pub(crate) fn queue_argmax(&self, t: &CudaSlice<f32>, len: usize, key: u64) -> Result<()> {
+        assert!(len <= t.len() && len <= u32::MAX as usize, "argmax of {len} values from {}", t.len());
+        // SAFETY: `key` is the address of a u64 of device memory (callers' contract).
+        unsafe { cudarc::driver::result::memset_d8_async(key, 0, 8, self.stream.cu_stream()) }
+            .what("zeroing on the device")?;
+        if len == 0 {
+            return Ok(());
+        }
+        let blocks = (len as u32).div_ceil(ARGMAX_THREADS * 8).min(ARGMAX_MAX_BLOCKS);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ARGMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let n = len as u64;
+        let mut b = self.launch(self.f("argmax_key"));
+        b.arg(t).arg(&n).arg(&key);
+        unsafe { b.launch(cfg) }.what("launching argmax_key")
     }
 
     /// A new buffer of `len` zeros starting with the first `keep` values of `t`.
@@ -858,7 +876,9 @@ impl Gpu {
     /// Full attention of `tokens` new tokens at positions `past..past + tokens`; see the
     /// engine's `Backend::attention`. The caches hold `capacity` rows of `kv_heads * head_dim`.
     /// The kernels read `past` from `past_on_device` (so that a recorded step can be replayed at
-    /// later positions); the host value bounds the cache accesses.
+    /// later positions); the host value bounds the cache accesses. `live` is the address of a
+    /// recorded step's live flag ([`StepChannel::live`](crate::StepChannel::live)), whose step
+    /// leaves the caches as they were when let pass; 0 outside recorded steps.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -872,6 +892,7 @@ impl Gpu {
         v_cache: &mut CudaSlice<f32>,
         past: usize,
         past_on_device: &CudaView<'_, u32>,
+        live: u64,
         tokens: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -915,7 +936,7 @@ impl Gpu {
         let mut b = self.launch(self.f("attn_append_kv"));
         b.arg(q).arg(k).arg(v).arg(q_norm).arg(k_norm).arg(&mut qr).arg(&mut *k_cache).arg(&mut *v_cache);
         b.arg(&heads).arg(&kv_heads).arg(&hd_i).arg(&rot).arg(&theta).arg(&offset).arg(&eps).arg(&gated);
-        b.arg(past_on_device);
+        b.arg(past_on_device).arg(&live);
         unsafe { b.launch(cfg) }.what("launching attn_append_kv")?;
 
         // One query splits its positions over blocks (by the cache's capacity, which a recorded
@@ -957,7 +978,8 @@ impl Gpu {
     /// GatedDeltaNet over `tokens` tokens; see the engine's `Backend::delta_net`.
     /// `conv_w` is `[conv_width, kernel]`; `conv_state` `[kernel - 1, conv_width]`; `ssm`
     /// `[v_heads, k_dim, v_dim]`; `proj` `[tokens, proj_width]` (the layout the engine's
-    /// `Backend::delta_net` documents); `out` `[tokens, value_width]`.
+    /// `Backend::delta_net` documents); `out` `[tokens, value_width]`. `live` as in
+    /// [`attention`](Self::attention), for the states.
     #[allow(clippy::too_many_arguments)]
     pub fn delta_net(
         &self,
@@ -969,6 +991,7 @@ impl Gpu {
         proj: &CudaSlice<f32>,
         conv_state: &mut CudaSlice<f32>,
         ssm: &mut CudaSlice<f32>,
+        live: u64,
         tokens: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
@@ -986,15 +1009,37 @@ impl Gpu {
         assert!(conv_w.len() >= cw * kk && conv_state.len() >= (kk - 1) * cw, "delta_net: conv buffers too small");
         assert!(ssm.len() >= vh * dk * dv && out.len() >= tokens * vw, "delta_net: state/output too small");
         assert!(a_log.len() >= vh && dt_bias.len() >= vh && norm.len() >= dv, "delta_net: parameters too small");
-        let mut mixed = self.uninit(tokens * cw)?;
         let (cw_i, kk_i, t_i) = (i32_of(cw, "conv_width"), i32_of(kk, "kernel"), i32_of(tokens, "tokens"));
         let pw_i = i32_of(pw, "proj_width");
         let (z, beta, a) = (proj.slice(cw..), proj.slice(cw + vw..), proj.slice(cw + vw + vh..));
         let (kh_i, vh_i, dk_i, dv_i) =
             (i32_of(kh, "k_heads"), i32_of(vh, "v_heads"), i32_of(dk, "k_dim"), i32_of(dv, "v_dim"));
+        let norm_threads = (dv.next_power_of_two() as u32).clamp(32, 256);
+        let eps = p.eps;
+
+        if tokens == 1 {
+            let cfg = LaunchConfig {
+                grid_dim: (vh as u32, dv.div_ceil(32) as u32, 1),
+                block_dim: (32 * DN_SLICES, 1, 1),
+                shared_mem_bytes: (2 * dk * 4) as u32,
+            };
+            let mut b = self.launch(self.f("dn_step"));
+            b.arg(proj).arg(conv_w).arg(&*conv_state).arg(&beta).arg(&a).arg(a_log).arg(dt_bias).arg(ssm);
+            b.arg(&mut *out).arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&kk_i).arg(&live);
+            unsafe { b.launch(cfg) }.what("launching dn_step")?;
+            let cfg =
+                LaunchConfig { grid_dim: (vh as u32, 1, 1), block_dim: (norm_threads, 1, 1), shared_mem_bytes: 0 };
+            let mut b = self.launch(self.f("dn_finish"));
+            b.arg(&mut *out).arg(&z).arg(norm).arg(&dv_i).arg(&eps).arg(proj).arg(conv_state).arg(&cw_i);
+            b.arg(&kk_i).arg(&live);
+            unsafe { b.launch(cfg) }.what("launching dn_finish")?;
+            return Ok(());
+        }
+
+        let mut mixed = self.uninit(tokens * cw)?;
 
         let mut b = self.launch(self.f("dn_conv"));
-        b.arg(proj).arg(&pw_i).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i);
+        b.arg(proj).arg(&pw_i).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i).arg(&live);
         unsafe { b.launch(grid_1d(cw, 128)) }.what("launching dn_conv")?;
 
         let threads = (dk.next_power_of_two() as u32).clamp(32, 256);
@@ -1023,13 +1068,14 @@ impl Gpu {
         };
         let mut b = self.launch(self.f(name));
         b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
-        b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
+        b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i).arg(&live);
         unsafe { b.launch(cfg) }.what("launching the DeltaNet recurrence")?;
 
-        let threads = (dv.next_power_of_two() as u32).clamp(32, 256);
-        let eps = p.eps;
-        let cfg =
-            LaunchConfig { grid_dim: (tokens as u32, vh as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, vh as u32, 1),
+            block_dim: (norm_threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut b = self.launch(self.f("dn_gated_norm"));
         b.arg(&mut *out).arg(&z).arg(&pw_i).arg(norm).arg(&vh_i).arg(&dv_i).arg(&eps);
         unsafe { b.launch(cfg) }.what("launching dn_gated_norm")?;
@@ -1091,8 +1137,8 @@ impl Gpu {
 pub const MOE_MAX_SLOTS: usize = 16;
 /// Most router outputs the device top-k handles (`ROUTE_PER_THREAD` for each of the block's
 /// `ROUTE_THREADS`).
-pub const ROUTE_MAX_EXPERTS: usize = 8 * ROUTE_THREADS as usize;
-const ROUTE_THREADS: u32 = 128;
+pub const ROUTE_MAX_EXPERTS: usize = 4 * ROUTE_THREADS as usize;
+const ROUTE_THREADS: u32 = 256;
 
 /// `MoeSlots` of moe.cu: part `p` of slot `k` is at `part[k][p]`, or `table[ids[k]] + off[p]`.
 #[repr(C)]
@@ -1223,9 +1269,10 @@ impl Gpu {
     /// SwiGLU experts of `tokens` tokens in two launches: `out[t] += sum_k w_tk * down_k(silu(gate_k
     /// x[t]) * up_k x[t])`, `w_tk = weights[t * slots + k]` (or its sigmoid when `sigmoid`: the
     /// gated shared expert). Listed experts serve every token; a table's `ids` hold each token's
-    /// `slots` choices in turn. `h` is scratch of `tokens x slots x inter` values. The down launch,
-    /// which adds to `out`, first [joins](Self::join) `join`: work there may add to `out` too (the
-    /// shared expert).
+    /// `slots` choices in turn. `h` is scratch of `tokens x slots x inter` values. The stream
+    /// then [joins](Self::join) `join`, whose work (the shared expert) may add to `out` beside the
+    /// down launch: both add atomically, so that the routed down need not wait for the shared one
+    /// (which gets SMs only as the routed gate and up launch drains).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_token(
         &self,
@@ -1291,9 +1338,6 @@ impl Gpu {
         let mut b = self.launch(&self.functions[name.as_str()]);
         b.arg(&arg).arg(x).arg(&hidden_i).arg(&inter_i).arg(&mut *h);
         unsafe { b.launch(cfg) }.what("launching moe_gate_up")?;
-        if let Some(side) = join {
-            self.join(side)?;
-        }
         if let Some((f, (cfg, stages))) = down_ring {
             let mut b = self.launch(f);
             b.arg(&arg).arg(&slots_i).arg(&*h).arg(&hidden_i).arg(&inter_i).arg(weights).arg(&sig);
@@ -1310,7 +1354,7 @@ impl Gpu {
             b.arg(&arg).arg(&slots_i).arg(&*h).arg(&hidden_i).arg(&inter_i).arg(weights).arg(&sig).arg(out);
             unsafe { b.launch(cfg) }.what("launching moe_down")?;
         }
-        Ok(())
+        join.map_or(Ok(()), |side| self.join(side))
     }
 
     /// The routed experts of `tokens` tokens (prefill) with every expert of the layer in GPU

@@ -21,7 +21,7 @@ pub use device::{
     expert_parts, host_parts, part_offsets,
 };
 pub use experts::{Bandwidth, CopyMark, EvictedExpert, ExpertHandle, ExpertTier, VRAM_HEADROOM, VramBudget};
-pub use graph::{StepGraph, StepInputs};
+pub use graph::{StepChannel, StepGraph};
 pub use pinned::{PinnedPool, PinnedStats};
 
 /// Why a GPU could not be used or an operation failed.

@@ -106,6 +106,33 @@ pub trait Backend: Send + Sync {
         Ok(false)
     }
 
+    /// Queues a replay of `graph` at `position` that waits on the device for its token
+    /// ([`feed_step`](Self::feed_step)), and returns the step's number; with `pick` (the step's
+    /// logits tensor and vocabulary), the greedy choice over those logits is queued behind it for
+    /// [`take_pick`](Self::take_pick). So a decode may queue the next step before it knows the
+    /// next token. Anything else queued on the backend before the step is fed lets it pass first.
+    /// `None`, having queued nothing, where the backend cannot (the default) or its buffers have
+    /// moved since the recording.
+    fn queue_step(
+        &self,
+        _graph: &Self::Graph,
+        _pick: Option<(&Self::Tensor, usize)>,
+        _position: usize,
+    ) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Gives a step from [`queue_step`](Self::queue_step) its token, or with `None` lets it pass
+    /// leaving every state as it was. False where it has passed already.
+    fn feed_step(&self, _step: u64, _token: Option<u32>) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Waits for the greedy pick of a fed step from [`queue_step`](Self::queue_step).
+    fn take_pick(&self, _step: u64) -> Result<u32> {
+        anyhow::bail!("{} queues no steps", self.name())
+    }
+
     /// Makes a matrix usable on the device: once at load for dense weights.
     fn weight(&self, m: &Matrix) -> Result<Self::Weight>;
 

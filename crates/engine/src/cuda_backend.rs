@@ -55,7 +55,9 @@ pub struct CudaBackend {
     /// demand.
     hidden: Mutex<[Option<CudaSlice<f32>>; 2]>,
     tables: Mutex<ResidentTables>,
-    step: moe_cuda::StepInputs,
+    step: moe_cuda::StepChannel,
+    /// The recorded step queued ahead of its token ([`Backend::queue_step`]), until fed.
+    ahead: Mutex<Option<Ahead>>,
     /// Whether decode steps are recorded and replayed at all.
     graphs: AtomicBool,
     /// A step is being recorded, and whether something in it needed the host.
@@ -87,6 +89,14 @@ impl Handover {
             std::mem::forget(self.held);
         }
     }
+}
+
+/// A recorded step queued before its token was known.
+struct Ahead {
+    seq: u32,
+    position: u32,
+    /// The recording's expert uses, counted when the step is fed.
+    uses: [u64; 3],
 }
 
 /// A decode step recorded as a graph.
@@ -169,7 +179,7 @@ impl CudaBackend {
     pub fn with_vram_budget(ordinal: usize, budget: Budget) -> Result<Self> {
         let gpu = Gpu::new(ordinal)?;
         let tier = gpu.expert_tier(vram_budget(budget))?;
-        let step = gpu.step_inputs()?;
+        let step = gpu.step_channel()?;
         let side = gpu.side_stream()?;
         Ok(CudaBackend {
             gpu,
@@ -180,6 +190,7 @@ impl CudaBackend {
             hidden: Mutex::default(),
             tables: Mutex::default(),
             step,
+            ahead: Mutex::new(None),
             graphs: AtomicBool::new(true),
             recording: AtomicBool::new(false),
             spoiled: AtomicBool::new(false),
@@ -206,9 +217,24 @@ impl CudaBackend {
         self.tier.reset_stats()
     }
 
-    /// The stream operations are queued on now.
+    /// The stream operations are queued on now. Anything queued lets a step that waits for its
+    /// token pass first (it would wait behind it, and anything that waits for the device with it).
     fn queue(&self) -> &Gpu {
+        self.let_pass();
         if self.on_side.load(Ordering::Relaxed) { &self.side } else { &self.gpu }
+    }
+
+    /// Lets the step queued ahead of its token pass, if there is one: it runs leaving every state
+    /// as it was.
+    fn let_pass(&self) {
+        if let Some(a) = self.ahead.lock().unwrap().take() {
+            ok(self.gpu.feed_step(&self.step, a.seq, None), "letting a step pass");
+        }
+    }
+
+    /// The address of the recorded step's live flag while recording, else 0 (always live).
+    fn live(&self) -> u64 {
+        if self.recording() { self.step.live() } else { 0 }
     }
 
     /// Queues `f`'s operations on the side stream, after what the main stream has queued so far;
@@ -308,10 +334,11 @@ impl CudaBackend {
         acc: &mut CudaSlice<f32>,
     ) -> Result<bool> {
         let queued = self.with_table(layer, experts, host, |t| {
-            // The shared expert on the side stream from before the top-k on, so that it has
-            // finished by the end of the routed experts' gate and up launch, whose SMs it shares
-            // (forked after the top-k, it started at that launch's tail and held the down launch,
-            // which joins it, 8-9 us per layer); both add to `acc`.
+            // The shared expert on the side stream from before the top-k on, so that its gate and
+            // up have finished by the end of the routed experts' gate and up launch, whose SMs it
+            // shares (forked after the top-k, it started at that launch's tail). Its down gets SMs
+            // only as that launch drains; it and the routed down add to `acc` atomically, so that
+            // neither waits for the other (the routed down waited 7 us a layer for it).
             self.beside(|| shared(acc))?;
             route(r)?;
             self.with_hidden(k * t.shape.inter, |h| {
@@ -381,6 +408,16 @@ impl CudaBackend {
     }
 }
 
+impl Drop for CudaBackend {
+    /// A step left waiting for its token would hold the stream, and the freeing of device memory
+    /// (which waits for the device) with it.
+    fn drop(&mut self) {
+        if let Some(a) = self.ahead.get_mut().unwrap().take() {
+            let _ = self.gpu.feed_step(&self.step, a.seq, None);
+        }
+    }
+}
+
 fn vram_budget(b: Budget) -> moe_cuda::VramBudget {
     match b {
         Budget::Auto => moe_cuda::VramBudget::Auto,
@@ -436,12 +473,13 @@ impl Backend for CudaBackend {
         if !(self.graphs.load(Ordering::Relaxed) && self.routes_on_device(routing)) {
             return Ok(None);
         }
-        self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
+        let position = u32::try_from(position)?;
+        self.let_pass();
         let before = self.tier.stats();
         self.spoiled.store(false, Ordering::Relaxed);
         self.recording.store(true, Ordering::Relaxed);
         let recorded = self.gpu.record(|| -> Result<()> {
-            self.gpu.queue_step_inputs(&self.step)?;
+            self.gpu.queue_step_gate(&self.step)?;
             body()
         });
         self.recording.store(false, Ordering::Relaxed);
@@ -454,19 +492,48 @@ impl Backend for CudaBackend {
         let uses =
             [after.hits - before.hits, after.misses - before.misses, after.bytes_uploaded - before.bytes_uploaded];
         let g = CudaStepGraph { graph, epoch: self.graph_epoch(), uses };
-        self.gpu.replay(&g.graph)?;
+        let seq = self.gpu.replay(&self.step, &g.graph)?;
+        self.gpu.feed_step(&self.step, seq, Some((token, position)))?;
         Ok(Some(g))
     }
 
     fn replay_step(&self, g: &CudaStepGraph, token: u32, position: usize) -> Result<bool> {
+        let Some(seq) = self.queue_step(g, None, position)? else { return Ok(false) };
+        self.feed_step(seq, Some(token))
+    }
+
+    fn queue_step(
+        &self,
+        g: &CudaStepGraph,
+        pick: Option<(&CudaSlice<f32>, usize)>,
+        position: usize,
+    ) -> Result<Option<u64>> {
         if g.epoch != self.graph_epoch() {
-            return Ok(false);
+            return Ok(None);
         }
-        self.gpu.set_step_inputs(&self.step, token, u32::try_from(position)?)?;
-        self.gpu.replay(&g.graph)?;
-        let [hits, misses, bytes] = g.uses;
-        self.tier.count(hits, misses, bytes);
+        let position = u32::try_from(position)?;
+        self.let_pass();
+        let seq = self.gpu.replay(&self.step, &g.graph)?;
+        *self.ahead.lock().unwrap() = Some(Ahead { seq, position, uses: g.uses });
+        if let Some((logits, len)) = pick {
+            self.gpu.queue_pick(&self.step, seq, logits, len)?;
+        }
+        Ok(Some(seq.into()))
+    }
+
+    fn feed_step(&self, step: u64, token: Option<u32>) -> Result<bool> {
+        let mut ahead = self.ahead.lock().unwrap();
+        let Some(a) = ahead.take_if(|a| u64::from(a.seq) == step) else { return Ok(false) };
+        self.gpu.feed_step(&self.step, a.seq, token.map(|t| (t, a.position)))?;
+        if token.is_some() {
+            let [hits, misses, bytes] = a.uses;
+            self.tier.count(hits, misses, bytes);
+        }
         Ok(true)
+    }
+
+    fn take_pick(&self, step: u64) -> Result<u32> {
+        Ok(self.gpu.take_pick(&self.step, u32::try_from(step)?)?)
     }
 
     fn weight(&self, m: &Matrix) -> Result<DeviceMatrix> {
@@ -675,11 +742,26 @@ impl Backend for CudaBackend {
             cache.capacity
         );
         let (kc, vc) = (&mut cache.k, &mut cache.v);
+        let live = self.live();
         let r = if self.recording() {
-            self.queue().attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &self.step.position(), tokens, out)
+            self.queue().attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &self.step.position(), live, tokens, out)
         } else {
             let past_on_device = ok(self.queue().upload_ints(&[u32::try_from(past).expect("position")]), "upload");
-            self.queue().attention(s, q_norm, k_norm, q, k, v, kc, vc, past, &past_on_device.slice(..), tokens, out)
+            self.queue().attention(
+                s,
+                q_norm,
+                k_norm,
+                q,
+                k,
+                v,
+                kc,
+                vc,
+                past,
+                &past_on_device.slice(..),
+                live,
+                tokens,
+                out,
+            )
         };
         ok(r, "attention")
     }
@@ -702,6 +784,7 @@ impl Backend for CudaBackend {
             proj,
             &mut state.conv,
             &mut state.ssm,
+            self.live(),
             tokens,
             out,
         );

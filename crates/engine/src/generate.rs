@@ -194,6 +194,7 @@ impl<'m, B: Backend> Conversation<'m, B> {
             };
             self.history.push(token);
         };
+        self.model.settle(&mut self.session)?;
         if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
             let rest = stops.finish(&detok.finish());
             if !rest.is_empty() {

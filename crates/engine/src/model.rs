@@ -122,6 +122,9 @@ pub struct Session<B: Backend> {
     /// Tokens processed so far (the position of the next token).
     pub position: usize,
     graph: StepGraph<B>,
+    /// The recorded step at `position`, queued before its token was known
+    /// ([`Backend::queue_step`]).
+    ahead: Option<u64>,
 }
 
 /// A session's decode step recorded for replay ([`Backend::record_step`]). A recording holds the
@@ -289,13 +292,14 @@ impl<B: Backend> Model<B> {
                 }),
             })
             .collect();
-        Session { layers, position: 0, graph: StepGraph::Warmup }
+        Session { layers, position: 0, graph: StepGraph::Warmup, ahead: None }
     }
 
     /// Runs `tokens` through the model at the session's position, all at once (prefill) or one
     /// at a time when called with single tokens (decode); both give the same logits.
     pub fn forward(&self, session: &mut Session<B>, tokens: &[u32], all_logits: bool, capture: bool) -> Result<Output> {
         let (c, b, n, past) = (&self.config, &self.backend, tokens.len(), session.position);
+        self.settle(session)?;
         self.admit(session, tokens)?;
         let mut prof = Profile { tokens: n, ..Profile::default() };
         let (logits, hidden) = if n == 1 && !capture {
@@ -318,13 +322,65 @@ impl<B: Backend> Model<B> {
     /// largest logit, ties to the lowest id) instead of the logits: the backend finds it where
     /// the logits are, so that they never cross to the host (on the GPU a step's 1 MB copy and
     /// the host's copy out of its staging, 100 us a token).
+    ///
+    /// With a recorded step, the step after this one is queued before this one's choice comes
+    /// back, waiting on the device for the token that the next call brings: the device goes from
+    /// one step to the next without waiting for the host to launch it. A session left with such a
+    /// step lets it pass (its states unchanged) at its next use other than this, or at
+    /// [`settle`](Self::settle).
     pub fn forward_greedy(&self, session: &mut Session<B>, token: u32) -> Result<u32> {
+        let (b, vocab) = (&self.backend, self.config.vocab);
+        let ahead = session.ahead.take();
         self.admit(session, &[token])?;
         let mut prof = Profile { tokens: 1, ..Profile::default() };
-        let next = self.decode(session, token, &mut prof, |logits| self.backend.argmax(logits, self.config.vocab))?;
+        let mut clock = Stopwatch::start();
+        // The step queued ahead by the last call, unless something let it pass since; else a
+        // replay queued now.
+        let fed = match ahead {
+            Some(step) if b.feed_step(step, Some(token))? => Some(step),
+            _ => match self.queue_recorded(session, session.position)? {
+                Some(step) if b.feed_step(step, Some(token))? => Some(step),
+                _ => None,
+            },
+        };
+        let next = match fed {
+            Some(step) => {
+                session.ahead = self.queue_recorded(session, session.position + 1)?;
+                let next = b.take_pick(step)?;
+                clock.lap(&mut prof.replayed);
+                prof.replays += 1;
+                next
+            }
+            None => self.decode(session, token, &mut prof, |logits| b.argmax(logits, vocab))?,
+        };
         session.position += 1;
         self.profile.lock().unwrap().add(&prof);
         Ok(next)
+    }
+
+    /// Queues the session's recorded step at `position`, waiting for its token, with its greedy
+    /// pick behind it: `None` where there is no recording, its caches have grown since, or they
+    /// do not reach `position`.
+    fn queue_recorded(&self, session: &Session<B>, position: usize) -> Result<Option<u64>> {
+        let kv = session.kv_capacity();
+        match &session.graph {
+            StepGraph::Recorded { graph, logits, kv_capacity }
+                if *kv_capacity == kv && (kv == 0 || position < kv) && position < self.config.max_positions =>
+            {
+                self.backend.queue_step(graph, Some((logits, self.config.vocab)), position)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Lets the step that [`forward_greedy`](Self::forward_greedy) queued ahead of its token
+    /// pass, leaving the session's states as they were: for callers that stop decoding (the
+    /// session's other uses do it themselves).
+    pub fn settle(&self, session: &mut Session<B>) -> Result<()> {
+        if let Some(step) = session.ahead.take() {
+            self.backend.feed_step(step, None)?;
+        }
+        Ok(())
     }
 
     /// Checks that `tokens` can go through the model at the session's position, and makes room

@@ -55,12 +55,27 @@ fn run_family(test: &str, name: &str) {
     }
     check(name, "decode", &decoded, &r, &cpu_logits, vocab);
     // Greedy steps (the pick on the device, the logits never read back) choose the reference's
-    // top token at every position.
+    // top token at every position; from the third on, each step is queued before the last one's
+    // pick is back. Midway another session's prefill lets the step queued ahead pass (it is then
+    // queued again), and the last positions are plain decode steps after the step queued ahead
+    // was let pass: their logits show that it left the states as they were.
     let mut s = model.new_session();
+    let (midway, tail) = (r.ids.len() / 2, r.ids.len() - 3);
+    let mut after_greedy = Vec::new();
     for (i, &tok) in r.ids.iter().enumerate() {
+        if i == midway {
+            model.forward(&mut model.new_session(), &r.ids[..5], false, false).unwrap();
+        }
+        if i >= tail {
+            after_greedy.extend(model.forward(&mut s, &[tok], true, false).unwrap().logits);
+            continue;
+        }
         let want = argmax(&r.logits[i * vocab..(i + 1) * vocab]) as u32;
         assert_eq!(model.forward_greedy(&mut s, tok).unwrap(), want, "{name}: greedy pick at position {i}");
     }
+    let err = rel_l2(&after_greedy, &r.logits[tail * vocab..]);
+    println!("{name} decode after greedy steps: relative L2 vs reference {err:.2e}");
+    assert!(err <= 1e-3, "{name}: decode after greedy steps is off the reference by {err:.3e}");
     // Every expert is resident, so all but the first two steps (one to size the scratch, one to
     // record) and the re-recordings when the KV cache grows replay a recorded graph.
     let replays = model.take_profile().replays;
@@ -81,6 +96,14 @@ fn run_family(test: &str, name: &str) {
     let want = &cpu_logits[cpu_logits.len() - vocab..];
     let err = rel_l2(&last, want);
     assert!(err <= 1e-3, "{name} last-position logits off the CPU's by {err:.3e}");
+
+    // A model dropped with a step queued ahead of its token lets it pass (else freeing its
+    // memory would wait for the device forever).
+    let mut s = model.new_session();
+    for &tok in &r.ids[..4] {
+        model.forward_greedy(&mut s, tok).unwrap();
+    }
+    drop(model);
 }
 
 #[test]

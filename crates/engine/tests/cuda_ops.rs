@@ -544,14 +544,14 @@ fn cuda_routed_experts_on_device() {
     }
 }
 
-/// The gated shared expert of one token (one fused launch on the GPU) against the CPU.
+/// The gated shared expert (fused launches on the GPU) against the CPU. The wide shape gives the
+/// gate/up launch more items than blocks and rows of several chunks per thread, for every format.
 #[test]
 fn cuda_shared_expert() {
     let Some(g) = gpu("cuda_shared_expert", Budget::Auto) else { return };
     let cpu = CpuBackend;
     let mut rng = Rng(41);
-    for format in FORMATS {
-        let (h, inter) = (192, 320);
+    for (format, (h, inter)) in FORMATS.into_iter().flat_map(|f| [(f, (192, 320)), (f, (2112, 1088))]) {
         let ms = [
             random_matrix(&mut rng, format, inter, h),
             random_matrix(&mut rng, format, inter, h),
@@ -567,7 +567,7 @@ fn cuda_shared_expert() {
             cpu.shared_expert(&gc, &uc, &dc, &logit, &x, tokens, &mut want);
             let mut acc = g.tensor(&acc0);
             g.shared_expert(&gg, &ug, &dg, &g.tensor(&logit), &g.tensor(&x), tokens, &mut acc);
-            let what = format!("shared expert {} tokens {tokens}", format.name());
+            let what = format!("shared expert {} {h}x{inter} tokens {tokens}", format.name());
             assert_close(&what, &g.read(&acc, tokens * h), &want, TOL);
         }
     }

@@ -98,6 +98,7 @@ fn decode<B: Backend>(a: &Args, model: &Model<B>, machine: &Machine) -> Result<(
         std::hint::black_box(model.forward_greedy(&mut session, (seed % c.vocab as u64) as u32)?);
     }
     let decode = start.elapsed();
+    model.settle(&mut session)?;
     let after = model.experts().stats();
     let vram_after = model.backend().expert_tier_stats();
     let profile = model.take_profile();
