@@ -5,6 +5,8 @@
 // the one-token matvec does.
 
 #define MOE_MAX_SLOTS 16
+// Rows of each of gate and up per `moe_gate_up` block (GATE_UP_ROWS in device.rs).
+#define GATE_UP_ROWS 6
 // The top-k block: experts up to ROUTE_THREADS x ROUTE_PER_THREAD (ROUTE_MAX_EXPERTS in device.rs).
 #define ROUTE_THREADS 256
 #define ROUTE_PER_THREAD 4
@@ -142,17 +144,17 @@ __device__ __forceinline__ GateUp gate_up_of(const MoeSlots& m, const int* ids, 
                   (const u16*)p[2], (const u16*)p[4], (const u16*)p[5]};
 }
 
-// Chunk c of gate rows r0..r0+DEC_ROWS into raw[0..DEC_ROWS) and of up rows into
-// raw[DEC_ROWS..), with their scales and biases, all loads in flight together (`w` points at row
+// Chunk c of gate rows r0..r0+GATE_UP_ROWS into raw[0..GATE_UP_ROWS) and of up rows into
+// raw[GATE_UP_ROWS..), with their scales and biases, all loads in flight together (`w` points at row
 // r0 of each matrix).
 template <int F>
 __device__ __forceinline__ void load_gate_up(const GateUp& w, const RowOffsets& o, int c, uint4* raw, uint2* sb) {
 #pragma unroll
-    for (int i = 0; i < DEC_ROWS; i++) {
+    for (int i = 0; i < GATE_UP_ROWS; i++) {
         raw[i] = ld_stream((const uint4*)w.gw + o.chunk(i) + c);
-        raw[DEC_ROWS + i] = ld_stream((const uint4*)w.uw + o.chunk(i) + c);
+        raw[GATE_UP_ROWS + i] = ld_stream((const uint4*)w.uw + o.chunk(i) + c);
         sb[i] = load_sb<F>(w.gs + o.group(i), w.gb + o.group(i), c);
-        sb[DEC_ROWS + i] = load_sb<F>(w.us + o.group(i), w.ub + o.group(i), c);
+        sb[GATE_UP_ROWS + i] = load_sb<F>(w.us + o.group(i), w.ub + o.group(i), c);
     }
 }
 
@@ -163,18 +165,19 @@ __device__ __forceinline__ GateUp gate_up_at(GateUp w, int r, u64 row_bytes, int
 }
 
 // h[t][k][r] = silu(gate_k[r] . x[t]) * (up_k[r] . x[t]) for token t = blockIdx.z, slot
-// k = blockIdx.y and DEC_ROWS rows r per block (`ids`, when a table is given, holds each token's
-// gridDim.y chosen experts): each thread loads an input chunk once for DEC_ROWS gate and DEC_ROWS
-// up chunks. (Two rows per block, for fewer registers and more blocks, measured 4% slower on the
-// H100.)
+// k = blockIdx.y and GATE_UP_ROWS rows r per block (`ids`, when a table is given, holds each token's
+// gridDim.y chosen experts): each thread loads an input chunk once for GATE_UP_ROWS gate and
+// GATE_UP_ROWS up chunks. The block's loads in flight bound the launch (registers allow three
+// blocks an SM): ten q4 experts' gate, up and down took 39.7 us with 4 rows, 37.6 with 6 and 37.5
+// with 8 (which spills) on an H100; two rows measured 4% slower than four there before.
 template <int F>
 __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float* __restrict__ x, int hidden, int inter,
                                                  float* __restrict__ h) {
-    __shared__ float red[2 * DEC_ROWS * DEC_THREADS / 32];
-    __shared__ float sums[2 * DEC_ROWS];
+    __shared__ float red[2 * GATE_UP_ROWS * DEC_THREADS / 32];
+    __shared__ float sums[2 * GATE_UP_ROWS];
     grid_start();
-    const int k = blockIdx.y, r0 = blockIdx.x * DEC_ROWS, slots = gridDim.y, t = blockIdx.z;
-    const int nr = min(DEC_ROWS, inter - r0);
+    const int k = blockIdx.y, r0 = blockIdx.x * GATE_UP_ROWS, slots = gridDim.y, t = blockIdx.z;
+    const int nr = min(GATE_UP_ROWS, inter - r0);
     const int* ids = m.table ? m.ids + t * slots : nullptr;
     x += (u64)t * hidden;
     h += (u64)t * slots * inter;
@@ -182,26 +185,26 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
     const int chunks = (int)(row_bytes / 16), groups = hidden / GROUP;
     const GateUp w = gate_up_at(gate_up_of(m, ids, k), r0, row_bytes, groups);
     const RowOffsets o{nr, chunks, groups};
-    float acc[2 * DEC_ROWS];
+    float acc[2 * GATE_UP_ROWS];
 #pragma unroll
-    for (int i = 0; i < 2 * DEC_ROWS; i++) acc[i] = 0.0f;
+    for (int i = 0; i < 2 * GATE_UP_ROWS; i++) acc[i] = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
-        uint4 raw[2 * DEC_ROWS];
-        uint2 sb[2 * DEC_ROWS];
+        uint4 raw[2 * GATE_UP_ROWS];
+        uint2 sb[2 * GATE_UP_ROWS];
         load_gate_up<F>(w, o, c, raw, sb);
         const XChunk<F> xc = load_x<F>(x, c);
 #pragma unroll
-        for (int i = 0; i < DEC_ROWS; i++) {
+        for (int i = 0; i < GATE_UP_ROWS; i++) {
             if (i < nr) {
                 acc[i] += dot_chunk<F>(raw[i], sb[i], xc);
-                acc[DEC_ROWS + i] += dot_chunk<F>(raw[DEC_ROWS + i], sb[DEC_ROWS + i], xc);
+                acc[GATE_UP_ROWS + i] += dot_chunk<F>(raw[GATE_UP_ROWS + i], sb[GATE_UP_ROWS + i], xc);
             }
         }
     }
-    block_sums<2 * DEC_ROWS>(acc, red);
-    if (threadIdx.x < 2 * DEC_ROWS) sums[threadIdx.x] = acc[0];
+    block_sums<2 * GATE_UP_ROWS>(acc, red);
+    if (threadIdx.x < 2 * GATE_UP_ROWS) sums[threadIdx.x] = acc[0];
     __syncthreads();
-    if (threadIdx.x < nr) h[(u64)k * inter + r0 + threadIdx.x] = siluf_(sums[threadIdx.x]) * sums[DEC_ROWS + threadIdx.x];
+    if (threadIdx.x < nr) h[(u64)k * inter + r0 + threadIdx.x] = siluf_(sums[threadIdx.x]) * sums[GATE_UP_ROWS + threadIdx.x];
 }
 
 // out[t][r] += sum over slots k of w_k * (down_k[r] . h[t][k]), w_k = weights[t][k] (or its
@@ -487,8 +490,8 @@ __device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, cons
 }
 
 #define DEFINE_MOE(NAME, F)                                                                                        \
-    /* Four blocks per SM (128 registers), which 2-bit codes cannot have without spilling. */                  \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS, Fmt<F>::BITS == 2 ? 2 : 4)                        \
+    /* Three blocks per SM (168 registers), which 2-bit codes cannot have without spilling. */                 \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, Fmt<F>::BITS == 2 ? 2 : 3)                        \
         moe_gate_up_##NAME(const MoeSlots m, const float* x, int hidden, int inter, float* h) {                   \
         moe_gate_up_impl<F>(m, x, hidden, inter, h);                                                              \
     }                                                                                                             \

@@ -96,6 +96,8 @@ const MATVEC_MAX_TOKENS: usize = 8;
 const MV_ROWS_PER_BLOCK: u32 = 8;
 /// The one-token kernels' blocks: `DEC_ROWS` rows by `DEC_THREADS` threads (common.cuh).
 const DEC_ROWS: u32 = 4;
+/// The rows of each of gate and up that a `moe_gate_up` block takes (`GATE_UP_ROWS` in moe.cu).
+const GATE_UP_ROWS: u32 = 6;
 const DEC_THREADS: u32 = 128;
 /// The most (token, slot) pairs one grouped MoE launch takes: its scratch (ids, weights, order and
 /// the hidden activations) stays small.
@@ -1331,7 +1333,7 @@ impl Gpu {
         };
         let name = format!("moe_gate_up_{}", format_suffix(gate));
         let cfg = LaunchConfig {
-            grid_dim: ((inter as u32).div_ceil(DEC_ROWS), slots as u32, tokens_u),
+            grid_dim: ((inter as u32).div_ceil(GATE_UP_ROWS), slots as u32, tokens_u),
             block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
