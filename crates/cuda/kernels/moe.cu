@@ -144,17 +144,16 @@ __device__ __forceinline__ GateUp gate_up_of(const MoeSlots& m, const int* ids, 
                   (const u16*)p[2], (const u16*)p[4], (const u16*)p[5]};
 }
 
-// Chunk c of gate rows r0..r0+GATE_UP_ROWS into raw[0..GATE_UP_ROWS) and of up rows into
-// raw[GATE_UP_ROWS..), with their scales and biases, all loads in flight together (`w` points at row
-// r0 of each matrix).
-template <int F>
+// Chunk c of gate rows r0..r0+R into raw[0..R) and of up rows into raw[R..), with their scales and
+// biases, all loads in flight together (`w` points at row r0 of each matrix).
+template <int F, int R>
 __device__ __forceinline__ void load_gate_up(const GateUp& w, const RowOffsets& o, int c, uint4* raw, uint2* sb) {
 #pragma unroll
-    for (int i = 0; i < GATE_UP_ROWS; i++) {
+    for (int i = 0; i < R; i++) {
         raw[i] = ld_stream((const uint4*)w.gw + o.chunk(i) + c);
-        raw[GATE_UP_ROWS + i] = ld_stream((const uint4*)w.uw + o.chunk(i) + c);
+        raw[R + i] = ld_stream((const uint4*)w.uw + o.chunk(i) + c);
         sb[i] = load_sb<F>(w.gs + o.group(i), w.gb + o.group(i), c);
-        sb[GATE_UP_ROWS + i] = load_sb<F>(w.us + o.group(i), w.ub + o.group(i), c);
+        sb[R + i] = load_sb<F>(w.us + o.group(i), w.ub + o.group(i), c);
     }
 }
 
@@ -191,7 +190,7 @@ __device__ __forceinline__ void moe_gate_up_impl(const MoeSlots& m, const float*
     for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
         uint4 raw[2 * GATE_UP_ROWS];
         uint2 sb[2 * GATE_UP_ROWS];
-        load_gate_up<F>(w, o, c, raw, sb);
+        load_gate_up<F, GATE_UP_ROWS>(w, o, c, raw, sb);
         const XChunk<F> xc = load_x<F>(x, c);
 #pragma unroll
         for (int i = 0; i < GATE_UP_ROWS; i++) {
@@ -460,7 +459,7 @@ __device__ __forceinline__ void moe_gate_up_grouped_impl(const MoeSlots& m, cons
         for (int c = threadIdx.x; c < chunks; c += DEC_THREADS) {
             uint4 raw[2 * DEC_ROWS];
             uint2 sb[2 * DEC_ROWS];
-            load_gate_up<F>(w, o, c, raw, sb);
+            load_gate_up<F, DEC_ROWS>(w, o, c, raw, sb);
 #pragma unroll
             for (int b = 0; b < B; b++) {
                 if (b < nb) {
