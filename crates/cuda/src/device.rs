@@ -627,9 +627,12 @@ impl Gpu {
         // H200), where a copy into pageable memory goes through the driver's staging in pieces.
         let mut staging = self.staging.lock().unwrap();
         if staging.as_ref().is_none_or(|s| s.len() < len) {
+            // Cached, not write-combined (cudarc's default), which the host reads uncached: a
+            // step's 1 MB of logits took 70-100 us to copy out. Whole pages, so that the driver's
+            // later page-locked allocations (the expert store's, for direct I/O) stay aligned.
+            let values = len.next_power_of_two().max(4096 / 4);
             // SAFETY: f32 accepts any bits; only values the copy below writes are read.
-            *staging =
-                Some(unsafe { self.ctx.alloc_pinned(len.next_power_of_two()) }.what("allocating pinned memory")?);
+            *staging = Some(unsafe { self.ctx.alloc_pinned_with_flags(values, 0) }.what("allocating pinned memory")?);
         }
         let host = staging.as_mut().expect("allocated above").as_mut_slice().what("writing pinned memory")?;
         let (src, _sync) = t.device_ptr(&self.stream);
