@@ -13,32 +13,49 @@ __device__ __forceinline__ void load_norm_weights(const float* __restrict__ w, i
     }
 }
 
-// out = x * inv * (offset + w) over a row, with the weights from `load_norm_weights`.
+// out = x * inv * (offset + w) over a row, with the weights from `load_norm_weights` and the first
+// NORM_HELD of the thread's inputs in `vals` (kept from the sum, not read again).
 __device__ __forceinline__ void write_normed(const float* __restrict__ x, const float* __restrict__ w,
-                                             const float* held, int width, float inv, float offset,
-                                             float* __restrict__ out) {
+                                             const float* held, const float* vals, int width, float inv,
+                                             float offset, float* __restrict__ out) {
 #pragma unroll
     for (int i = 0; i < NORM_HELD; i++) {
         const int j = threadIdx.x + i * blockDim.x;
-        if (j < width) out[j] = x[j] * inv * (offset + held[i]);
+        if (j < width) out[j] = vals[i] * inv * (offset + held[i]);
     }
     for (int j = threadIdx.x + NORM_HELD * blockDim.x; j < width; j += blockDim.x)
         out[j] = x[j] * inv * (offset + w[j]);
+}
+
+// The sum of squares of a row's inputs `v(j)` that the thread takes, the first NORM_HELD of them
+// kept in `vals`.
+template <typename V>
+__device__ __forceinline__ float held_squares(int width, V v, float* vals) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NORM_HELD; i++) {
+        const int j = threadIdx.x + i * blockDim.x;
+        vals[i] = j < width ? v(j) : 0.0f;
+        ss = fmaf(vals[i], vals[i], ss);
+    }
+    for (int j = threadIdx.x + NORM_HELD * blockDim.x; j < width; j += blockDim.x) {
+        const float t = v(j);
+        ss = fmaf(t, t, ss);
+    }
+    return ss;
 }
 
 // `out = x / rms(x) * (offset + w)` per row of `width`; one block per row.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out,
                                     int width, float offset, float eps) {
     __shared__ float red[32];
-    float held[NORM_HELD];
+    float held[NORM_HELD], vals[NORM_HELD];
     load_norm_weights(w, width, held);
     grid_start();
     const u64 base = (u64)blockIdx.x * width;
-    float ss = 0.0f;
-    for (int j = threadIdx.x; j < width; j += blockDim.x) ss = fmaf(x[base + j], x[base + j], ss);
-    const float total = block_sum(ss, red);
+    const float total = block_sum(held_squares(width, [&](int j) { return x[base + j]; }, vals), red);
     const float inv = 1.0f / sqrtf(total / (float)width + eps);
-    write_normed(x + base, w, held, width, inv, offset, out + base);
+    write_normed(x + base, w, held, vals, width, inv, offset, out + base);
 }
 
 // x += delta, then out = x / rms(x) * (offset + w), per row of `width`: the residual add and the
@@ -47,19 +64,18 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
                                         const float* __restrict__ w, float* __restrict__ out, int width, float offset,
                                         float eps) {
     __shared__ float red[32];
-    float held[NORM_HELD];
+    float held[NORM_HELD], vals[NORM_HELD];
     load_norm_weights(w, width, held);
     grid_start();
     const u64 base = (u64)blockIdx.x * width;
-    float ss = 0.0f;
-    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+    const auto add = [&](int j) {
         const float v = x[base + j] + delta[base + j];
         x[base + j] = v;
-        ss = fmaf(v, v, ss);
-    }
-    const float total = block_sum(ss, red);
+        return v;
+    };
+    const float total = block_sum(held_squares(width, add, vals), red);
     const float inv = 1.0f / sqrtf(total / (float)width + eps);
-    write_normed(x + base, w, held, width, inv, offset, out + base);
+    write_normed(x + base, w, held, vals, width, inv, offset, out + base);
 }
 
 extern "C" __global__ void add_inplace(float* __restrict__ acc, const float* __restrict__ x, u64 len) {

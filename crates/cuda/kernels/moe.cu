@@ -29,14 +29,13 @@ __device__ __forceinline__ const u8* slot_part(const MoeSlots& m, const int* ids
     return (const u8*)(m.table ? m.table[ids[k]] + m.off[p] : m.part[k][p]);
 }
 
-// The largest of a warp's keys, in every lane.
+// The largest of a warp's keys, in every lane: the largest high word, then the largest low word
+// among the lanes that hold it (two warp reductions instead of five rounds of shuffles of both
+// words).
 __device__ __forceinline__ unsigned long long warp_max_key(unsigned long long key) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const unsigned long long other = __shfl_xor_sync(0xffffffffu, key, o);
-        key = other > key ? other : key;
-    }
-    return key;
+    const u32 hi = __reduce_max_sync(0xffffffffu, (u32)(key >> 32));
+    const u32 lo = __reduce_max_sync(0xffffffffu, (u32)(key >> 32) == hi ? (u32)key : 0u);
+    return ((unsigned long long)hi << 32) | lo;
 }
 
 // Takes the warp's largest of `keys` (N per lane, distinct where non-zero) out of them: zeroed in
