@@ -153,7 +153,7 @@ const DN_CHUNK_THREADS: u32 = 256;
 const DN_CHUNK_MIN_TOKENS: usize = 16;
 
 /// A weight matrix in device memory, in its stored format: codes (or elements), then the bf16
-/// scales and biases of affine formats, each at a [`PART_ALIGN`]-aligned offset of one buffer.
+/// scales and biases of affine formats, each at a `PART_ALIGN`-aligned offset of one buffer.
 /// The buffer may be shared, e.g. by the three matrices of a routed expert.
 pub struct DeviceMatrix {
     pub format: WeightFormat,

@@ -21,9 +21,11 @@
 //!
 //! A decode step can be recorded as a CUDA graph and replayed ([`Backend::record_step`]) when it
 //! never needs the host midway, that is when every expert is resident. While recording, the
-//! embedding and attention read the token and position from [`moe_cuda::StepInputs`]; an operation
-//! that needs the host instead spoils the recording and queues nothing, and the step then runs
-//! directly.
+//! embedding and attention read the token and position from [`moe_cuda::StepChannel`], and the
+//! kernels that write state its live flag; an operation that needs the host instead spoils the
+//! recording and queues nothing, and the step then runs directly. A replay may be queued before
+//! its token is known ([`Backend::queue_step`]): it waits on the device until it is fed, and
+//! anything else queued on the backend first lets it pass.
 //!
 //! The trait's operations cannot fail, so a device error (out of memory, a faulting kernel) is
 //! a panic that names the operation; opening the device is the fallible step.

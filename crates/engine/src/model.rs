@@ -331,7 +331,12 @@ impl<B: Backend> Model<B> {
     pub fn forward_greedy(&self, session: &mut Session<B>, token: u32) -> Result<u32> {
         let (b, vocab) = (&self.backend, self.config.vocab);
         let ahead = session.ahead.take();
-        self.admit(session, &[token])?;
+        if let Err(e) = self.admit(session, &[token]) {
+            if let Some(step) = ahead {
+                b.feed_step(step, None)?;
+            }
+            return Err(e);
+        }
         let mut prof = Profile { tokens: 1, ..Profile::default() };
         let mut clock = Stopwatch::start();
         // The step queued ahead by the last call, unless something let it pass since; else a
