@@ -8,14 +8,14 @@
 // One thread per channel walks the tokens; `hist` is [kernel - 1, channels], oldest first.
 extern "C" __global__ void dn_conv(const float* __restrict__ qkv, int stride, const float* __restrict__ w,
                                    float* __restrict__ hist, float* __restrict__ mixed, int channels, int kernel,
-                                   int tokens, const u32* live) {
+                                   int tokens) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     // The weights before waiting for the kernel ahead (no kernel writes them).
     float wk[DN_MAX_KERNEL];
 #pragma unroll
     for (int j = 0; j < DN_MAX_KERNEL; j++) wk[j] = j < kernel && ch < channels ? w[(u64)ch * kernel + j] : 0.0f;
     grid_start();
-    if (ch >= channels || step_skipped(live)) return;
+    if (ch >= channels) return;
     float h[DN_MAX_KERNEL - 1];
 #pragma unroll
     for (int j = 0; j < DN_MAX_KERNEL - 1; j++) h[j] = j < kernel - 1 ? hist[(u64)j * channels + ch] : 0.0f;
@@ -66,6 +66,22 @@ extern "C" __global__ void dn_qk_norm(float* __restrict__ mixed, int channels, i
 #define DN_SLICES 8
 #define DN_ROWS 40
 
+// Column j of a head's [k_dim, v_dim] state, rows w, w + DN_SLICES, ... of warp w, between `S`
+// and the state: loaded (zeros outside it), or stored back when `store`.
+__device__ __forceinline__ void dn_column(float* S, float* state, int k_dim, int v_dim, int j, bool valid,
+                                          bool store) {
+    const int w = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < DN_ROWS; r++) {
+        const int i = r * DN_SLICES + w;
+        if (store) {
+            if (valid && i < k_dim) state[(u64)i * v_dim + j] = S[r];
+        } else {
+            S[r] = valid && i < k_dim ? state[(u64)i * v_dim + j] : 0.0f;
+        }
+    }
+}
+
 // One token of the delta rule for the state column a thread holds (`S`, rows w, w + DN_SLICES, ...
 // of warp w): decay, the correction towards `v`, and the output, whose sum over k_dim (across the
 // warps, in `part`) warp 0 returns. `qs` and `ks` (shared) hold the token's normed q and k.
@@ -113,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     dn_recurrence(const float* __restrict__ mixed, const float* __restrict__ beta_in, const float* __restrict__ a_in,
                   int stride, const float* __restrict__ a_log, const float* __restrict__ dt_bias,
                   float* __restrict__ ssm, float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim,
-                  int v_dim, int tokens, const u32* live) {
+                  int v_dim, int tokens) {
     grid_release();
     extern __shared__ float smem[];
     float* qs = smem;         // k_dim
@@ -128,11 +144,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     const u64 vw = (u64)v_heads * v_dim;
     float* state = ssm + (u64)h * k_dim * v_dim;
     float S[DN_ROWS];
-#pragma unroll
-    for (int r = 0; r < DN_ROWS; r++) {
-        const int i = r * DN_SLICES + w;
-        S[r] = valid && i < k_dim ? state[(u64)i * v_dim + j] : 0.0f;
-    }
+    dn_column(S, state, k_dim, v_dim, j, valid, false);
     const float neg_a = -expf(a_log[h]);
     const float bias = dt_bias[h];
     // The state (4 MB a layer for Qwen3.5-397B) and the weights above are loaded before waiting
@@ -141,7 +153,6 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     // started: a forward call's kernels all wait in turn, and a recorded step's first kernel
     // (`step_gate`) starts only after all queued before it, and lets nothing start early.
     grid_wait();
-    if (step_skipped(live)) return;
     for (int t = 0; t < tokens; t++) {
         const float* row = mixed + (u64)t * channels;
         __syncthreads();
@@ -156,11 +167,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
         const float o = dn_token(S, qs, ks, v, beta, decay, k_dim, part);
         if (w == 0 && valid) out[(u64)t * vw + (u64)h * v_dim + j] = o;
     }
-#pragma unroll
-    for (int r = 0; r < DN_ROWS; r++) {
-        const int i = r * DN_SLICES + w;
-        if (valid && i < k_dim) state[(u64)i * v_dim + j] = S[r];
-    }
+    dn_column(S, state, k_dim, v_dim, j, valid, true);
 }
 
 // The causal convolution and SiLU of channel `ch` for one token (`in` its new input), from the
@@ -210,11 +217,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     const int kw = k_heads * k_dim;
     float* state = ssm + (u64)h * k_dim * v_dim;
     float S[DN_ROWS];
-#pragma unroll
-    for (int r = 0; r < DN_ROWS; r++) {
-        const int i = r * DN_SLICES + w;
-        S[r] = valid && i < k_dim ? state[(u64)i * v_dim + j] : 0.0f;
-    }
+    dn_column(S, state, k_dim, v_dim, j, valid, false);
     const float neg_a = -expf(a_log[h]);
     const float bias = dt_bias[h];
     // As `dn_recurrence`, the state and the weights before waiting.
@@ -264,11 +267,7 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
     const float decay = expf(neg_a * softplusf_(a_in[h] + bias));
     const float o = dn_token(S, qs, ks, vs[lane], beta, decay, k_dim, part);
     if (w == 0 && valid) out[(u64)h * v_dim + j] = o;
-#pragma unroll
-    for (int r = 0; r < DN_ROWS; r++) {
-        const int i = r * DN_SLICES + w;
-        if (valid && i < k_dim) state[(u64)i * v_dim + j] = S[r];
-    }
+    dn_column(S, state, k_dim, v_dim, j, valid, true);
 }
 
 // Chunked prefill of the same rule (the WY form of transformers' torch_chunk_gated_delta_rule),
@@ -289,10 +288,8 @@ extern "C" __global__ void __launch_bounds__(32 * DN_SLICES)
 extern "C" __global__ void __launch_bounds__(DN_CHUNK_THREADS)
     dn_chunk(const float* __restrict__ mixed, const float* __restrict__ beta_in, const float* __restrict__ a_in,
              int stride, const float* __restrict__ a_log, const float* __restrict__ dt_bias, float* __restrict__ ssm,
-             float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim, int v_dim, int tokens,
-             const u32* live) {
+             float* __restrict__ out, int channels, int k_heads, int v_heads, int k_dim, int v_dim, int tokens) {
     grid_start();
-    if (step_skipped(live)) return;
     extern __shared__ float smem[];
     // Rows padded by one float: the (i, j) products read rows i and j of K in the same step.
     const int kp = k_dim + 1;

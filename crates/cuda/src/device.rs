@@ -984,7 +984,8 @@ impl Gpu {
     /// `conv_w` is `[conv_width, kernel]`; `conv_state` `[kernel - 1, conv_width]`; `ssm`
     /// `[v_heads, k_dim, v_dim]`; `proj` `[tokens, proj_width]` (the layout the engine's
     /// `Backend::delta_net` documents); `out` `[tokens, value_width]`. `live` as in
-    /// [`attention`](Self::attention), for the states.
+    /// [`attention`](Self::attention), for the states (only one token's launches read it: a
+    /// recorded step decodes one token).
     #[allow(clippy::too_many_arguments)]
     pub fn delta_net(
         &self,
@@ -1044,7 +1045,7 @@ impl Gpu {
         let mut mixed = self.uninit(tokens * cw)?;
 
         let mut b = self.launch(self.f("dn_conv"));
-        b.arg(proj).arg(&pw_i).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i).arg(&live);
+        b.arg(proj).arg(&pw_i).arg(conv_w).arg(conv_state).arg(&mut mixed).arg(&cw_i).arg(&kk_i).arg(&t_i);
         unsafe { b.launch(grid_1d(cw, 128)) }.what("launching dn_conv")?;
 
         let threads = (dk.next_power_of_two() as u32).clamp(32, 256);
@@ -1073,7 +1074,7 @@ impl Gpu {
         };
         let mut b = self.launch(self.f(name));
         b.arg(&mixed).arg(&beta).arg(&a).arg(&pw_i).arg(a_log).arg(dt_bias).arg(ssm).arg(&mut *out);
-        b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i).arg(&live);
+        b.arg(&cw_i).arg(&kh_i).arg(&vh_i).arg(&dk_i).arg(&dv_i).arg(&t_i);
         unsafe { b.launch(cfg) }.what("launching the DeltaNet recurrence")?;
 
         let cfg = LaunchConfig {
